@@ -1,0 +1,231 @@
+"""The inference engine: agreement with the float32 reference, inputs, errors, streams."""
+
+from cnn_rnn_perception.engine import (
+    EngineSettings, InferenceEngine, resolve_device, resolve_precision)
+from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, Preprocessing, save_checkpoint
+from cnn_rnn_perception.preprocess import (
+    frames_to_tensor_cpu, frames_to_tensor_torch, normalisation)
+import cv2
+import numpy as np
+import pytest
+import torch
+
+CONFIG = ModelConfig(backbone='resnet18', input_size=(96, 128), hidden_size=32, num_classes=5)
+LABELS = ['corridor', 'open_space', 'doorway_left', 'doorway_right', 'blocked']
+EAGER_CPU = EngineSettings(device='cpu', compile_trunk=False, warmup_iterations=1)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+def model(config: ModelConfig = CONFIG) -> CnnRnnClassifier:
+    torch.manual_seed(0)
+    return CnnRnnClassifier(config).eval()
+
+
+def engine(settings: EngineSettings = EAGER_CPU, **kwargs) -> InferenceEngine:
+    return InferenceEngine(model(), labels=LABELS,
+                           preprocessing=Preprocessing.for_config(CONFIG), settings=settings,
+                           **kwargs)
+
+
+def camera_frames(count: int = 3, shape=(480, 640, 3), seed: int = 0) -> list[np.ndarray]:
+    """Smooth images with structure (gradients and a box), not white noise."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(count):
+        y, x = np.mgrid[0:shape[0], 0:shape[1]]
+        frame = np.stack([(x * rng.uniform(0.1, 0.5)) % 256, (y * rng.uniform(0.1, 0.5)) % 256,
+                          np.full_like(x, rng.integers(0, 256))], axis=-1).astype(np.uint8)
+        top, left = rng.integers(0, shape[0] // 2), rng.integers(0, shape[1] // 2)
+        frame[top:top + shape[0] // 3, left:left + shape[1] // 3] = rng.integers(0, 256, 3)
+        frames.append(np.ascontiguousarray(frame[..., :shape[2]]))
+    return frames
+
+
+def reference_probabilities(frames, color_order='bgr') -> np.ndarray:
+    """Classify the seed's way: OpenCV on the host, numpy normalisation, fp32 eager."""
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    inputs = []
+    for frame in frames:
+        resized = cv2.resize(frame, (CONFIG.input_size[1], CONFIG.input_size[0]))
+        rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB) if color_order == 'bgr' else resized
+        inputs.append(((rgb.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
+    with torch.no_grad():
+        logits = model()(torch.from_numpy(np.stack(inputs)))
+    return torch.softmax(logits, dim=1).numpy()
+
+
+def test_fp32_cpu_engine_matches_the_seed_style_reference():
+    frames = camera_frames()
+    results = engine().infer(frames, color_order='bgr')
+    probabilities = np.stack([result.probabilities for result in results])
+    np.testing.assert_allclose(probabilities, reference_probabilities(frames), atol=1e-5)
+    for result in results:
+        assert result.label == LABELS[int(np.argmax(result.probabilities))]
+        assert abs(result.probabilities.sum() - 1.0) < 1e-5
+
+
+def centred_log(probabilities: np.ndarray) -> np.ndarray:
+    """Logits up to the per-row constant softmax drops."""
+    logs = np.log(probabilities)
+    return logs - logs.mean(axis=1, keepdims=True)
+
+
+def relative_error(values: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(values - reference) / np.linalg.norm(reference))
+
+
+def test_bf16_cpu_engine_agrees_with_the_fp32_reference():
+    frames = camera_frames(4)
+    bf16 = engine(EngineSettings(device='cpu', precision='bf16', compile_trunk=False))
+    probabilities = np.stack([r.probabilities for r in bf16.infer(frames)])
+    reference = reference_probabilities(frames)
+    assert relative_error(centred_log(probabilities), centred_log(reference)) < 2e-2
+
+
+def test_device_preprocessing_matches_the_opencv_path():
+    """The GPU resizes with torch; on the CPU both paths must give the same tensor."""
+    frames = camera_frames(2)
+    preprocessing = Preprocessing.for_config(CONFIG)
+    host = frames_to_tensor_cpu(frames, ['bgr', 'bgr'], preprocessing)
+    offset, scale = normalisation(preprocessing)
+    device = frames_to_tensor_torch(torch.from_numpy(np.stack(frames)), 'bgr', preprocessing,
+                                    offset, scale)
+    assert device.shape == host.shape == (2, 3, 96, 128)
+    assert device.is_contiguous(memory_format=torch.channels_last)
+    # OpenCV rounds its resized pixels to uint8; one grey level is 1/(255*0.225) = 0.017 here.
+    assert (device - host).abs().max() < 0.04
+    assert (device - host).abs().mean() < 0.01
+
+
+def test_colour_orders_grey_and_alpha_frames_give_consistent_results():
+    tested = engine()
+    bgr = camera_frames(1)[0]
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    from_bgr, from_rgb, from_rgba, from_grey, from_grey3 = tested.infer(
+        [bgr, rgb, rgba, grey, np.dstack([grey] * 3)],
+        color_order=['bgr', 'rgb', 'rgb', 'rgb', 'rgb'])
+    np.testing.assert_allclose(from_bgr.probabilities, from_rgb.probabilities, atol=1e-6)
+    np.testing.assert_allclose(from_rgba.probabilities, from_rgb.probabilities, atol=1e-6)
+    np.testing.assert_allclose(from_grey.probabilities, from_grey3.probabilities, atol=1e-6)
+
+
+@pytest.mark.parametrize('frame,message', [
+    (np.zeros((48, 64, 3), np.float32), 'expected a uint8 frame; got dtype float32'),
+    (np.zeros((2, 48, 64, 3), np.uint8), 'got shape (2, 48, 64, 3)'),
+    (np.zeros((48, 64, 2), np.uint8), 'got shape (48, 64, 2)'),
+    (np.zeros((0, 64, 3), np.uint8), 'frame has zero size'),
+    ([[0, 1], [2, 3]], 'expected a numpy uint8 HxWx3 frame; got list'),
+])
+def test_bad_frames_raise_value_errors_naming_what_was_expected(frame, message):
+    with pytest.raises(ValueError) as error:
+        engine().infer([frame])
+    assert message in str(error.value)
+
+
+def test_bad_settings_raise_value_errors():
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        EngineSettings(device='tpu')
+    with pytest.raises(ValueError, match='precision must be one of auto, fp32, fp16, bf16'):
+        EngineSettings(precision='fp8')
+    with pytest.raises(ValueError, match='fp16 is for GPUs'):
+        resolve_precision('fp16', torch.device('cpu'))
+    with pytest.raises(ValueError, match='max_batch must be >= 1'):
+        EngineSettings(max_batch=0)
+    with pytest.raises(ValueError, match='top_k must be >= 1'):
+        engine().infer(camera_frames(1), top_k=0)
+    with pytest.raises(ValueError, match='color_order must be one of rgb, bgr'):
+        engine().infer(camera_frames(1), color_order='yuv')
+    with pytest.raises(ValueError, match='4 labels for a model with 5 classes'):
+        InferenceEngine(model(), labels=LABELS[:4],
+                        preprocessing=Preprocessing.for_config(CONFIG), settings=EAGER_CPU)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the no-GPU fallback')
+def test_without_a_gpu_auto_falls_back_to_cpu_and_cuda_is_refused(caplog):
+    assert resolve_device('auto') == torch.device('cpu')
+    assert 'no CUDA device is available, running on the CPU' in caplog.text
+    assert resolve_precision('auto', torch.device('cpu')) == torch.float32
+    with pytest.raises(ValueError, match="device 'cuda' requested but torch sees no CUDA"):
+        resolve_device('cuda')
+
+
+def test_frames_of_several_cameras_batch_into_one_pass_with_the_same_results():
+    frames = camera_frames(5)
+    sizes = [(480, 640, 3), (240, 320, 3)]
+    frames += [camera_frames(1, shape)[0] for shape in sizes]
+    tested = engine(EngineSettings(device='cpu', compile_trunk=False, max_batch=4))
+    batched = tested.infer(frames)
+    one_by_one = [tested.infer([frame])[0] for frame in frames]
+    assert [r.times.batch_size for r in batched] == [4] * 4 + [3] * 3
+    for together, alone in zip(batched, one_by_one):
+        np.testing.assert_allclose(together.probabilities, alone.probabilities, atol=1e-5)
+
+
+def test_results_carry_sorted_top_k_labels_and_stage_times():
+    result = engine().infer(camera_frames(1), top_k=3)[0]
+    scores = [score for _, score in result.top_k]
+    assert len(result.top_k) == 3 and scores == sorted(scores, reverse=True)
+    assert {label for label, _ in result.top_k} <= set(LABELS)
+    assert result.times.preprocess_ms > 0 and result.times.forward_ms > 0
+    assert result.times.total_ms == pytest.approx(
+        result.times.preprocess_ms + result.times.forward_ms + result.times.postprocess_ms)
+
+
+def test_per_stream_recurrent_state_is_kept_apart_and_resettable():
+    frame = camera_frames(1)[0]
+    tested = engine(EngineSettings(device='cpu', compile_trunk=False, carry_state=True))
+    first_a, first_b = tested.infer([frame, frame], streams=['a', 'b'])
+    np.testing.assert_allclose(first_a.probabilities, first_b.probabilities, atol=1e-6)
+    second_a, = tested.infer([frame], streams=['a'])
+    assert not np.allclose(second_a.probabilities, first_a.probabilities, atol=1e-6)
+    tested.reset_streams('a')
+    again_a, second_b = tested.infer([frame, frame], streams=['a', 'b'])
+    np.testing.assert_allclose(again_a.probabilities, first_a.probabilities, atol=1e-6)
+    np.testing.assert_allclose(second_b.probabilities, second_a.probabilities, atol=1e-6)
+
+
+def test_engine_from_checkpoint_uses_its_labels_and_preprocessing(tmp_path):
+    path = tmp_path / 'model.pt'
+    save_checkpoint(path, model(), labels=LABELS,
+                    preprocessing=Preprocessing(input_size=CONFIG.input_size, color_order='bgr'))
+    tested = InferenceEngine.from_checkpoint(path, EAGER_CPU)
+    assert tested.labels == LABELS and tested.preprocessing.color_order == 'bgr'
+    frame = camera_frames(1)[0]
+    # A bgr-trained model fed a bgr frame sees the same values as the rgb reference fed rgb.
+    np.testing.assert_allclose(tested.infer([frame], color_order='bgr')[0].probabilities,
+                               reference_probabilities([frame[..., ::-1].copy()], 'bgr')[0],
+                               atol=1e-5)
+
+
+def test_close_releases_the_model():
+    tested = engine()
+    tested.close()
+    assert not hasattr(tested, '_model')
+
+
+@pytest.mark.slow
+def test_compiled_cpu_engine_matches_eager():
+    frames = camera_frames(2)
+    compiled = engine(EngineSettings(device='cpu', compile_trunk=True))
+    assert 'compiled' in compiled.describe()
+    probabilities = np.stack([r.probabilities for r in compiled.infer(frames)])
+    np.testing.assert_allclose(probabilities, reference_probabilities(frames), atol=1e-4)
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize('precision', ['fp32', 'bf16', 'fp16'])
+def test_cuda_engine_agrees_with_the_cpu_reference(precision):
+    frames = camera_frames(3)
+    gpu = engine(EngineSettings(device='cuda', precision=precision))
+    probabilities = np.stack([r.probabilities for r in gpu.infer(frames)])
+    reference = reference_probabilities(frames)
+    limit = 2e-3 if precision == 'fp32' else 2e-2
+    assert relative_error(centred_log(probabilities), centred_log(reference)) < limit
+    # A new batch size is captured afresh and gives the same answers.
+    single = gpu.infer(frames[:1])[0].probabilities
+    np.testing.assert_allclose(single, probabilities[0], atol=1e-3)
+    gpu.close()
