@@ -28,6 +28,7 @@ setup(
     entry_points={
         'console_scripts': [
             f'{PACKAGE} = {PACKAGE}.cli:main',
+            f'perception_node = {PACKAGE}.node:main',
         ],
     },
 )

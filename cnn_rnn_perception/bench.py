@@ -1,0 +1,212 @@
+"""
+Benchmark: the seed's way of running the model against the engine, in one process and run.
+
+The seed's way is the tutorial's: OpenCV resize and colour conversion, numpy normalisation,
+a float32 eager model, one frame at a time, probabilities copied back to the host. The engine
+runs the same weights on the same frames. Every row times a whole frame-in,
+probabilities-out call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+import os
+import platform
+import threading
+import time
+from typing import Callable, Sequence
+
+from cnn_rnn_perception.engine import EngineSettings, InferenceEngine, resolve_device
+from cnn_rnn_perception.model import CnnRnnClassifier, default_labels, ModelConfig, Preprocessing
+from cnn_rnn_perception.synthetic import camera_frames
+import cv2
+import numpy as np
+import psutil
+import torch
+from tqdm import tqdm
+
+
+@dataclass
+class BenchRow:
+    """One measured configuration."""
+
+    path: str
+    batch_size: int
+    p50_ms: float
+    p95_ms: float
+    frames_per_s: float
+    peak_rss_mb: float
+    peak_gpu_mb: float | None
+    speedup: float = 1.0
+
+
+class PeakRss:
+    """Sample the process's resident memory every few milliseconds; keep the peak."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self._process = psutil.Process()
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self.peak_bytes = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+
+def seed_style_classifier(model: CnnRnnClassifier, preprocessing: Preprocessing,
+                          device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """Return the seed's per-frame function: host preprocessing, fp32 eager, batch 1."""
+    model = model.to(device).eval()
+    mean = np.array(preprocessing.mean, np.float32)
+    std = np.array(preprocessing.std, np.float32)
+    height, width = preprocessing.input_size
+
+    def classify(frame_bgr: np.ndarray) -> np.ndarray:
+        resized = cv2.resize(frame_bgr, (width, height))
+        rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        # Contiguous, as torchvision's ToTensor makes it: a transposed view would hand the
+        # convolutions channels-last strides and make the baseline slower than it really is.
+        chw = np.ascontiguousarray(((rgb - mean) / std).transpose(2, 0, 1))
+        tensor = torch.from_numpy(chw).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(tensor.to(device))
+        return torch.softmax(logits, dim=1).cpu().numpy()[0]
+
+    return classify
+
+
+def _time_calls(call: Callable[[], object], iterations: int, description: str,
+                progress: bool) -> np.ndarray:
+    times = []
+    for _ in tqdm(range(iterations), desc=description, leave=False, disable=not progress):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return np.array(times) * 1e3
+
+
+def _row(path: str, batch_size: int, times_ms: np.ndarray, rss: PeakRss,
+         gpu_peak: float | None) -> BenchRow:
+    return BenchRow(path=path, batch_size=batch_size,
+                    p50_ms=float(np.percentile(times_ms, 50)),
+                    p95_ms=float(np.percentile(times_ms, 95)),
+                    frames_per_s=batch_size * 1e3 / float(np.mean(times_ms)),
+                    peak_rss_mb=rss.peak_bytes / 2**20, peak_gpu_mb=gpu_peak)
+
+
+def _reset_gpu_peak(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _gpu_peak_mb(device: torch.device) -> float | None:
+    if device.type != 'cuda':
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def machine_description(device: torch.device) -> dict[str, object]:
+    """Describe what ran the benchmark, for the README and the JSON output."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            cpu = next(line.split(':', 1)[1].strip() for line in cpuinfo
+                       if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    description = {'cpu': cpu, 'cpu_cores': len(os.sched_getaffinity(0)),
+                   'torch_threads': torch.get_num_threads(), 'torch': torch.__version__,
+                   'python': platform.python_version()}
+    if device.type == 'cuda':
+        description['gpu'] = torch.cuda.get_device_name(device)
+    return description
+
+
+def run_benchmark(config: ModelConfig, *, settings: EngineSettings,
+                  frame_size: tuple[int, int] = (480, 640), batch_sizes: Sequence[int] = (1,),
+                  iterations: int = 50, warmup: int = 5, progress: bool = True,
+                  seed: int = 0) -> dict[str, object]:
+    """Measure seed style and engine on the same weights and frames; return a report dict."""
+    torch.manual_seed(seed)
+    model = CnnRnnClassifier(config, load_pretrained=False).eval()
+    preprocessing = Preprocessing.for_config(config)
+    labels = default_labels(config.num_classes)
+    frames = camera_frames(max(max(batch_sizes), 8), *frame_size, seed=seed)
+    rows: list[BenchRow] = []
+
+    device = resolve_device(settings.device)
+    settings = replace(settings, device=str(device))
+    _reset_gpu_peak(device)
+    with PeakRss() as rss:
+        classify = seed_style_classifier(model, preprocessing, device)
+        for frame in frames[:warmup]:
+            classify(frame)
+        cycle = iter(range(10**9))
+        seed_times = _time_calls(lambda: classify(frames[next(cycle) % len(frames)]),
+                                 iterations, 'seed style, batch 1', progress)
+    rows.append(_row('seed style (fp32 eager, OpenCV)', 1, seed_times, rss,
+                     _gpu_peak_mb(device)))
+    model.cpu()
+
+    _reset_gpu_peak(device)
+    with PeakRss() as rss:
+        engine = InferenceEngine(model, labels=labels, preprocessing=preprocessing,
+                                 settings=settings)
+        path_name = f'engine ({engine.describe().split(" on ", 1)[1]})'
+        for batch_size in batch_sizes:
+            engine.warmup(frames[0].shape, [batch_size])
+            cycle = iter(range(10**9))
+
+            def call(size=batch_size):
+                offset = next(cycle) % len(frames)
+                engine.infer([frames[(offset + i) % len(frames)] for i in range(size)])
+            times = _time_calls(call, iterations, f'engine, batch {batch_size}', progress)
+            rows.append(_row(path_name, batch_size, times, rss, _gpu_peak_mb(device)))
+        description = engine.describe()
+        engine.close()
+    seed_row = rows[0]
+    for row in rows[1:]:
+        row.speedup = (seed_row.p50_ms / row.p50_ms if row.batch_size == 1
+                       else row.frames_per_s / seed_row.frames_per_s)
+    return {'machine': machine_description(device), 'engine': description,
+            'model': config.to_dict(), 'frame_size': list(frame_size),
+            'iterations': iterations, 'rows': [asdict(row) for row in rows]}
+
+
+def format_table(report: dict[str, object]) -> str:
+    """Render a report as the plain-text table the README quotes."""
+    header = ('path', 'batch', 'p50 ms', 'p95 ms', 'frames/s', 'peak RSS MB',
+              'peak GPU MB', 'vs seed')
+    lines = []
+    for row in report['rows']:
+        gpu = '-' if row['peak_gpu_mb'] is None else f'{row["peak_gpu_mb"]:.0f}'
+        lines.append((row['path'], str(row['batch_size']), f'{row["p50_ms"]:.2f}',
+                      f'{row["p95_ms"]:.2f}', f'{row["frames_per_s"]:.1f}',
+                      f'{row["peak_rss_mb"]:.0f}', gpu, f'{row["speedup"]:.2f}x'))
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    render = [' | '.join(cell.ljust(width) for cell, width in zip(line, widths))
+              for line in (header, *lines)]
+    render.insert(1, '-+-'.join('-' * width for width in widths))
+    machine = report['machine']
+    model = report['model']
+    frame = report['frame_size']
+    caption = (f'{model["backbone"]} {model["sequence"]}, input '
+               f'{model["input_size"][0]}x{model["input_size"][1]}, uint8 frames '
+               f'{frame[1]}x{frame[0]}, {report["iterations"]} calls per row; '
+               f'{machine.get("gpu", machine["cpu"])}, {machine["cpu_cores"]} CPU cores, '
+               f'torch {machine["torch"]}. "vs seed": p50 latency ratio at batch 1, '
+               'throughput ratio at larger batches.')
+    return '\n'.join(render + ['', caption])

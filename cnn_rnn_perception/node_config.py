@@ -1,0 +1,269 @@
+"""
+The node's parameters, validation and bookkeeping, without ROS.
+
+The node declares exactly ``PARAMETERS``; ``validate`` is what its on-set callback asks;
+``CameraStats`` and ``LatestFrames`` hold the per-camera state. All are plain Python, tested
+without ``rclpy.init``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+import os
+import threading
+import time
+from typing import Any, Hashable
+
+from cnn_rnn_perception.engine import EngineSettings, parse_device_name, PRECISIONS
+from cnn_rnn_perception.model import ModelConfig, POOLINGS, RNNS, SEQUENCES
+from cnn_rnn_perception.synthetic import NAVIGATION_LABELS
+RELIABILITIES = ('best_effort', 'reliable')
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One ROS parameter: default, description, limits, and whether it can change live."""
+
+    name: str
+    default: Any
+    description: str
+    live: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    read_only: bool = False
+
+
+PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec('autostart', True, 'Configure and activate on start. False leaves the node '
+                  'unconfigured for a lifecycle manager.', read_only=True),
+    ParameterSpec('image_topics', ['/camera/image_raw'], 'Camera topics. A name ending in '
+                  '/compressed is sensor_msgs/CompressedImage, others sensor_msgs/Image.'),
+    ParameterSpec('qos.reliability', 'best_effort', 'Subscription reliability. best_effort '
+                  'matches camera drivers; reliable receives only from reliable publishers.',
+                  choices=RELIABILITIES),
+    ParameterSpec('qos.depth', 2, 'Subscription queue depth; the node keeps only the newest '
+                  'frame per camera anyway.', minimum=1, maximum=100),
+    ParameterSpec('model.checkpoint', '', 'Checkpoint file. Empty: build from the model.* '
+                  'parameters with random weights (a loud warning: results mean nothing).'),
+    ParameterSpec('model.backbone', 'resnet18', 'CNN trunk when no checkpoint is given.',
+                  choices=('resnet18', 'resnet34', 'resnet50', 'mobilenet_v3_small',
+                           'mobilenet_v3_large', 'efficientnet_b0', 'vgg16')),
+    ParameterSpec('model.sequence', 'spatial', 'Feature map to sequence: spatial, rows or '
+                  'columns.', choices=SEQUENCES),
+    ParameterSpec('model.strip', 1, 'Feature-map rows or columns per timestep.',
+                  minimum=1, maximum=64),
+    ParameterSpec('model.rnn', 'lstm', 'Recurrent encoder.', choices=RNNS),
+    ParameterSpec('model.hidden_size', 256, 'RNN hidden size.', minimum=1, maximum=4096),
+    ParameterSpec('model.num_layers', 1, 'RNN layers.', minimum=1, maximum=8),
+    ParameterSpec('model.bidirectional', False, 'Bidirectional RNN.'),
+    ParameterSpec('model.pooling', 'last', 'RNN outputs to one vector.', choices=POOLINGS),
+    ParameterSpec('model.input_size', [224, 224], 'Model input [height, width] in pixels.'),
+    ParameterSpec('model.trunk_weights', '', 'Local torchvision weights file for the trunk '
+                  'when no checkpoint is given.'),
+    ParameterSpec('labels', list(NAVIGATION_LABELS), 'Class names, used when the checkpoint '
+                  'has none (and to size a model built without a checkpoint).'),
+    ParameterSpec('device', 'auto', 'auto (GPU if present, else CPU), cpu, cuda or cuda:N.'),
+    ParameterSpec('precision', 'auto', 'Trunk precision: auto (bf16 on GPUs that have it, '
+                  'fp32 on the CPU), fp32, fp16 or bf16.', choices=PRECISIONS),
+    ParameterSpec('compile', True, 'torch.compile the trunk: faster frames, a slower start.'),
+    ParameterSpec('max_rate_hz', 0.0, 'Most inference batches per second; 0 = as fast as '
+                  'frames come. Frames in between are dropped as stale.', live=True,
+                  minimum=0.0, maximum=1000.0),
+    ParameterSpec('top_k', 5, 'Classes published per frame.', live=True, minimum=1,
+                  maximum=1000),
+    ParameterSpec('score_threshold', 0.0, 'Classes scoring below this are not published.',
+                  live=True, minimum=0.0, maximum=1.0),
+    ParameterSpec('smoothing', 0.0, "Exponential moving average weight of each camera's "
+                  'class history; 0 = off.', live=True, minimum=0.0, maximum=0.99),
+    ParameterSpec('smoothing_reset_s', 2.0, 'A camera gap longer than this (by frame stamps) '
+                  'drops its history.', live=True, minimum=0.001, maximum=3600.0),
+    ParameterSpec('silent_after_s', 2.0, 'Diagnostics warn when a camera sends nothing for '
+                  'this long.', live=True, minimum=0.1, maximum=3600.0),
+)
+SPECS = {spec.name: spec for spec in PARAMETERS}
+RELOAD_HINT = ('it needs the model reloaded; the node applies it by deactivating, cleaning '
+               'up, configuring and activating again')
+
+
+def _check_value(spec: ParameterSpec, value: Any) -> str | None:
+    if spec.choices and value not in spec.choices:
+        return f'{spec.name} must be one of {", ".join(spec.choices)}; got {value!r}'
+    if spec.minimum is not None and not spec.minimum <= value <= spec.maximum:
+        return f'{spec.name} must be in [{spec.minimum}, {spec.maximum}]; got {value}'
+    if spec.name == 'image_topics':
+        if not value or any(not topic or ' ' in topic for topic in value):
+            return f'image_topics must be a non-empty list of topic names; got {list(value)}'
+        if len(set(value)) != len(value):
+            return f'image_topics has duplicates: {list(value)}'
+    if spec.name == 'labels' and (not value or len(set(value)) != len(value)):
+        return f'labels must be a non-empty list of distinct names; got {list(value)}'
+    if spec.name == 'model.input_size' and (len(value) != 2 or min(value) < 32):
+        return f'model.input_size must be [height, width], each >= 32; got {list(value)}'
+    if spec.name == 'device':
+        try:
+            parse_device_name(value)
+        except ValueError as error:
+            return str(error)
+    if spec.name == 'model.checkpoint' and value and not os.path.isfile(value):
+        return f'model.checkpoint {value!r}: file not found'
+    return None
+
+
+def validate(changes: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """
+    Return why a set of parameter changes is refused, or None when it is valid.
+
+    ``current`` holds every parameter's present value; model fields are checked together, so
+    a strip that does not divide the new feature map is refused with the fix.
+    """
+    for name, value in changes.items():
+        spec = SPECS.get(name)
+        if spec is None:
+            continue
+        if spec.read_only:
+            return f'{name} is read-only: set it at start-up (--ros-args -p {name}:=...)'
+        reason = _check_value(spec, value)
+        if reason:
+            return reason
+    merged = {**current, **changes}
+    if any(name.startswith('model.') or name == 'labels' for name in changes):
+        if not merged['model.checkpoint']:
+            try:
+                model_config(merged)
+            except ValueError as error:
+                return str(error)
+    return None
+
+
+def needs_reload(changes: dict[str, Any]) -> list[str]:
+    """Return the changed parameters that take effect only through a reconfigure."""
+    return sorted(name for name in changes if name in SPECS and not SPECS[name].live)
+
+
+def model_config(values: dict[str, Any]) -> ModelConfig:
+    """Build the ModelConfig the model.* parameters describe (no checkpoint)."""
+    return ModelConfig(
+        num_classes=len(values['labels']), backbone=values['model.backbone'],
+        sequence=values['model.sequence'], strip=int(values['model.strip']),
+        rnn=values['model.rnn'], hidden_size=int(values['model.hidden_size']),
+        num_layers=int(values['model.num_layers']),
+        bidirectional=bool(values['model.bidirectional']), pooling=values['model.pooling'],
+        input_size=tuple(int(v) for v in values['model.input_size']),
+        trunk_weights=values['model.trunk_weights'])
+
+
+def engine_settings(values: dict[str, Any], camera_count: int) -> EngineSettings:
+    """Build the engine settings from parameters: one batch holds one frame per camera."""
+    return EngineSettings(device=values['device'], precision=values['precision'],
+                          compile_trunk=bool(values['compile']),
+                          max_batch=max(camera_count, 1))
+
+
+class CameraStats:
+    """Counters and latencies of one camera; every method is thread-safe."""
+
+    def __init__(self, topic: str, latency_window: int = 512) -> None:
+        self.topic = topic
+        self._lock = threading.Lock()
+        self.received = self.classified = self.dropped_stale = self.rejected = 0
+        self.last_reason = ''
+        self.last_received_at: float | None = None
+        self._latencies_ms: deque[float] = deque(maxlen=latency_window)
+        self._window_start = time.monotonic()
+        self._window_received = self._window_classified = self._window_rejected = 0
+
+    def on_received(self) -> None:
+        with self._lock:
+            self.received += 1
+            self._window_received += 1
+            self.last_received_at = time.monotonic()
+
+    def on_dropped_stale(self, count: int = 1) -> None:
+        with self._lock:
+            self.dropped_stale += count
+
+    def on_rejected(self, reason: str) -> None:
+        with self._lock:
+            self.rejected += 1
+            self._window_rejected += 1
+            self.last_reason = reason
+
+    def on_classified(self, latency_ms: float) -> None:
+        with self._lock:
+            self.classified += 1
+            self._window_classified += 1
+            self._latencies_ms.append(latency_ms)
+
+    def snapshot(self, silent_after_s: float) -> dict[str, Any]:
+        """Return totals, rates since the last snapshot, latency percentiles and a level."""
+        import numpy as np
+        with self._lock:
+            now = time.monotonic()
+            elapsed = max(now - self._window_start, 1e-6)
+            latencies = np.array(self._latencies_ms) if self._latencies_ms else None
+            p50, p95 = (None, None) if latencies is None else (
+                float(np.percentile(latencies, 50)), float(np.percentile(latencies, 95)))
+            silent_for = None if self.last_received_at is None else now - self.last_received_at
+            snap = {
+                'topic': self.topic, 'received': self.received, 'classified': self.classified,
+                'dropped_stale': self.dropped_stale, 'rejected': self.rejected,
+                'pending': self.received - self.classified - self.dropped_stale - self.rejected,
+                'last_reject_reason': self.last_reason,
+                'input_hz': self._window_received / elapsed,
+                'classified_hz': self._window_classified / elapsed,
+                'latency_p50_ms': p50, 'latency_p95_ms': p95,
+            }
+            window_all_rejected = self._window_rejected > 0 and self._window_classified == 0
+            self._window_start = now
+            self._window_received = self._window_classified = self._window_rejected = 0
+        if window_all_rejected:
+            snap['level'], snap['message'] = 2, f'every frame rejected: {self.last_reason}'
+        elif silent_for is None:
+            snap['level'], snap['message'] = 1, 'no frames received yet'
+        elif silent_for > silent_after_s:
+            snap['level'], snap['message'] = 1, f'silent for {silent_for:.1f} s'
+        else:
+            snap['level'], snap['message'] = 0, 'ok'
+        return snap
+
+
+class LatestFrames:
+    """
+    The newest unprocessed frame of each camera, and nothing older: no backlog, ever.
+
+    ``put`` returns True when it overwrote a frame inference never saw (a stale drop).
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._slots: dict[Hashable, Any] = {}
+        self._closed = False
+
+    def put(self, key: Hashable, item: Any) -> bool:
+        with self._condition:
+            replaced = key in self._slots
+            self._slots[key] = item
+            self._condition.notify()
+        return replaced
+
+    def take_all(self, timeout_s: float) -> dict[Hashable, Any]:
+        """Wait up to ``timeout_s`` for frames; return and clear every slot."""
+        with self._condition:
+            if not self._slots and not self._closed:
+                self._condition.wait(timeout_s)
+            slots, self._slots = self._slots, {}
+        return slots
+
+    def close(self) -> dict[Hashable, Any]:
+        """Wake any waiter; return what was still pending."""
+        with self._condition:
+            self._closed = True
+            slots, self._slots = self._slots, {}
+            self._condition.notify_all()
+        return slots
+
+    def reopen(self) -> None:
+        with self._condition:
+            self._closed = False

@@ -1,0 +1,251 @@
+"""The perception node in its own process, over real DDS (loopback only)."""
+
+import time
+
+from lifecycle_msgs.msg import Transition
+import numpy as np
+import pytest
+from ros_harness import (
+    Harness, image_message, jpeg_message, NodeProcess, ROOT, SMALL_MODEL, wait_for)
+
+pytestmark = pytest.mark.slow
+
+RNG = np.random.default_rng(0)
+
+
+def pixels(channels: int = 3, height: int = 240, width: int = 320) -> np.ndarray:
+    return RNG.integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+
+
+def start(tmp_path, *ros_args):
+    return NodeProcess(tmp_path, *SMALL_MODEL, *ros_args)
+
+
+def test_every_frame_is_classified_with_its_source_header(tmp_path, harness):
+    topics = ['/cam_a/image_raw', '/cam_b/image_raw', '/cam_c/image_raw/compressed']
+    node = start(tmp_path, '-p', f'image_topics:={topics}', '-p', 'top_k:=3')
+    try:
+        cam_a = harness.camera(topics[0], reliable=True)
+        cam_b = harness.camera(topics[1], reliable=False)
+        cam_c = harness.camera(topics[2], compressed=True)
+        for publisher in (cam_a, cam_b, cam_c):
+            harness.wait_subscribed(publisher)
+        sent = {topic: [] for topic in topics}
+        for index in range(8):
+            stamp = 1000.0 + index * 0.1
+            encoding, channels = [('rgb8', 3), ('bgr8', 3), ('mono8', 1), ('rgba8', 4)][index % 4]
+            cam_a.publish(image_message(pixels(channels), encoding, stamp, 'front'))
+            cam_b.publish(image_message(pixels(2), 'yuv422', stamp + 0.01, 'left'))
+            cam_c.publish(jpeg_message(pixels(), stamp + 0.02, 'rear'))
+            sent[topics[0]].append((stamp, 'front'))
+            sent[topics[1]].append((stamp + 0.01, 'left'))
+            sent[topics[2]].append((stamp + 0.02, 'rear'))
+            time.sleep(0.15)
+        for topic in topics:
+            wait_for(lambda: len(harness.scenes_for(topic)) == 8, 20, f'8 scenes on {topic}')
+            scenes = harness.scenes_for(topic)
+            got = [(s['stamp']['sec'] + s['stamp']['nanosec'] * 1e-9, s['frame_id'])
+                   for s in scenes]
+            for (stamp, frame_id), (expected_stamp, expected_id) in zip(got, sent[topic]):
+                assert frame_id == expected_id and stamp == pytest.approx(expected_stamp, abs=1e-6)
+            for scene in scenes:
+                assert len(scene['top_k']) == 3
+                assert scene['label'] == scene['top_k'][0]['label']
+                assert set(scene['latency_ms']) == {'preprocess', 'forward', 'postprocess',
+                                                    'receive_to_publish'}
+            counts = harness.wait_accounted(topic, received=8)
+            assert counts == {'received': 8, 'classified': 8, 'dropped_stale': 0,
+                              'rejected': 0, 'pending': 0}
+        status = harness.camera_status(topics[0])
+        assert status['device'] == 'cpu' and status['precision'] == 'fp32'
+        assert 'resnet18' in status['model'] and float(status['latency_p50_ms']) > 0
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+def test_malformed_frames_are_rejected_and_counted_while_good_frames_flow(tmp_path, harness):
+    raw, compressed = '/cam/image_raw', '/cam/image_raw/compressed'
+    node = start(tmp_path, '-p', f"image_topics:=['{raw}', '{compressed}']")
+    try:
+        camera = harness.camera(raw)
+        jpeg_camera = harness.camera(compressed, compressed=True)
+        harness.wait_subscribed(camera)
+        harness.wait_subscribed(jpeg_camera)
+        good = pixels()
+        frames = [
+            image_message(good, 'rgb8', 1.0, 'cam'),
+            image_message(good, 'rgb8', 2.0, 'cam', step=100),                 # wrong step
+            image_message(good, 'rgb8', 3.0, 'cam'),
+            image_message(good, 'rgb8', 4.0, 'cam', data=good.tobytes()[:1000]),  # truncated
+            image_message(good, 'rgb8', 5.0, 'cam'),
+            image_message(good, 'hsv8', 6.0, 'cam'),                           # unknown
+            image_message(good, 'rgb8', 7.0, 'cam'),
+            image_message(good[:0], 'rgb8', 8.0, 'cam'),                       # zero size
+            image_message(good, 'rgb8', 9.0, 'cam'),
+        ]
+        for frame in frames:
+            camera.publish(frame)
+            time.sleep(0.15)
+        jpeg_camera.publish(jpeg_message(good, 10.0, 'cam', data=b'\xff\xd8\xff garbage'))
+        time.sleep(0.15)
+        jpeg_camera.publish(jpeg_message(good, 11.0, 'cam'))
+        counts = harness.wait_accounted(raw, received=9)
+        assert counts == {'received': 9, 'classified': 5, 'dropped_stale': 0, 'rejected': 4,
+                          'pending': 0}
+        assert 'zero-size image' in harness.camera_status(raw)['last_reject_reason']
+        assert harness.wait_accounted(compressed, received=2)['rejected'] == 1
+        stamps = [scene['stamp']['sec'] for scene in harness.scenes_for(raw)]
+        assert stamps == [1, 3, 5, 7, 9]
+        assert [s['stamp']['sec'] for s in harness.scenes_for(compressed)] == [11]
+        log = node.log()
+        for reason in ('step 100 is less than', 'truncated image', "unsupported encoding 'hsv8'",
+                       'cannot decode compressed image'):
+            assert reason in log
+    finally:
+        assert node.stop() == 0
+
+
+def test_a_flood_of_frames_never_backs_up_and_every_frame_is_accounted(tmp_path, harness):
+    topics = ['/front/image_raw', '/rear/image_raw']
+    node = start(tmp_path, '-p', f'image_topics:={topics}', '-p', 'max_rate_hz:=4.0')
+    try:
+        cameras = [harness.camera(topic) for topic in topics]
+        for camera in cameras:
+            harness.wait_subscribed(camera)
+        frame = pixels()
+        for index in range(60):
+            for camera in cameras:
+                camera.publish(image_message(frame, 'rgb8', 100 + index * 0.01, 'cam'))
+            time.sleep(0.01)
+        for topic in topics:
+            counts = harness.wait_accounted(topic, received=60)
+            assert counts['classified'] + counts['dropped_stale'] + counts['rejected'] == 60
+            assert counts['dropped_stale'] > 30 and counts['classified'] >= 1
+            # The last frame sent is the last classified: the newest frame always wins.
+            assert harness.scenes_for(topic)[-1]['stamp']['nanosec'] == pytest.approx(
+                0.59e9, abs=1e3)
+        # Both cameras go through one batch.
+        assert max(scene['batch_size'] for scene in harness.scenes) == 2
+    finally:
+        assert node.stop() == 0
+
+
+def test_live_parameters_change_results_and_invalid_values_are_refused(tmp_path, harness):
+    node = start(tmp_path)
+    try:
+        camera = harness.camera('/camera/image_raw')
+        harness.wait_subscribed(camera)
+
+        def publish_and_get(stamp: int) -> dict:
+            camera.publish(image_message(pixels(), 'rgb8', stamp, 'cam'))
+            return wait_for(lambda: [s for s in harness.scenes if s['stamp']['sec'] == stamp],
+                            10, f'scene {stamp}')[0]
+
+        assert len(publish_and_get(1)['top_k']) == 5
+        assert harness.set_parameter('top_k', 2).successful
+        assert len(publish_and_get(2)['top_k']) == 2
+        assert harness.set_parameter('score_threshold', 0.99).successful
+        assert publish_and_get(3)['top_k'] == []
+
+        refused = harness.set_parameter('top_k', 0)
+        assert not refused.successful and 'top_k' in refused.reason
+        bad_choice = harness.set_parameter('qos.reliability', 'sometimes')
+        assert not bad_choice.successful
+        assert 'qos.reliability must be one of best_effort, reliable' in bad_choice.reason
+        bad_strip = harness.set_parameter('model.strip', 3)
+        assert not bad_strip.successful and 'set strip=1 for sequence spatial' in bad_strip.reason
+        missing = harness.set_parameter('model.checkpoint', '/nonexistent/model.pt')
+        assert not missing.successful and 'file not found' in missing.reason
+        read_only = harness.set_parameter('autostart', False)
+        assert not read_only.successful
+        assert harness.set_parameter('score_threshold', 0.0).successful
+        assert len(publish_and_get(4)['top_k']) == 2  # the refused top_k=0 changed nothing
+    finally:
+        assert node.stop() == 0
+
+
+def test_a_reload_parameter_applies_through_a_clean_lifecycle_cycle(tmp_path, harness):
+    node = start(tmp_path)
+    try:
+        camera = harness.camera('/camera/image_raw')
+        harness.wait_subscribed(camera)
+        assert harness.set_parameter('model.pooling', 'attention').successful
+        wait_for(lambda: ' attention ' in (harness.camera_status('/camera/image_raw') or {})
+                 .get('model', ''), 30, 'the model to reload with attention pooling')
+        assert harness.lifecycle_state() == 'active'
+        harness.wait_subscribed(camera)
+        camera.publish(image_message(pixels(), 'rgb8', 42, 'cam'))
+        wait_for(lambda: harness.scenes_for('/camera/image_raw'), 10, 'a scene after reload')
+        assert 'model.pooling changed' in node.log()
+    finally:
+        assert node.stop() == 0
+
+
+def test_lifecycle_transitions_when_a_manager_drives_the_node(tmp_path, harness):
+    node = start(tmp_path, '-p', 'autostart:=false')
+    try:
+        camera = harness.camera('/camera/image_raw')
+        wait_for(lambda: harness.lifecycle_state() == 'unconfigured', 30, 'unconfigured')
+        assert camera.get_subscription_count() == 0
+        assert harness.change_state(Transition.TRANSITION_CONFIGURE)
+        assert harness.lifecycle_state() == 'inactive'
+        assert harness.change_state(Transition.TRANSITION_ACTIVATE)
+        harness.wait_subscribed(camera)
+        camera.publish(image_message(pixels(), 'rgb8', 7, 'cam'))
+        wait_for(lambda: harness.scenes_for('/camera/image_raw'), 10, 'a scene while active')
+        assert harness.change_state(Transition.TRANSITION_DEACTIVATE)
+        assert harness.lifecycle_state() == 'inactive'
+        wait_for(lambda: camera.get_subscription_count() == 0, 10, 'unsubscribe on deactivate')
+        assert harness.change_state(Transition.TRANSITION_ACTIVATE)
+        harness.wait_subscribed(camera)
+        camera.publish(image_message(pixels(), 'rgb8', 8, 'cam'))
+        wait_for(lambda: len(harness.scenes_for('/camera/image_raw')) == 2, 10,
+                 'a scene after reactivation')
+    finally:
+        assert node.stop() == 0
+
+
+def test_started_as_the_launch_file_starts_it(tmp_path, harness):
+    """--params-file config/perception.yaml and a namespace remap, as perception.launch.py."""
+    namespaced = Harness('/robot1/cnn_rnn_perception')
+    node = NodeProcess(tmp_path, '--params-file', str(ROOT / 'config' / 'perception.yaml'),
+                       '-r', '__ns:=/robot1', *SMALL_MODEL)
+    try:
+        camera = namespaced.camera('/camera/image_raw', reliable=False)
+        namespaced.wait_subscribed(camera)
+        camera.publish(image_message(pixels(), 'bgr8', 5, 'cam'))
+        scene = wait_for(lambda: namespaced.scenes_for('/camera/image_raw'), 10,
+                         'a scene on /robot1/cnn_rnn_perception/scene')[0]
+        assert scene['label'] in ('corridor', 'open_space', 'doorway_left', 'doorway_right',
+                                  'junction', 'blocked')
+    finally:
+        assert node.stop() == 0
+        namespaced.close()
+
+
+def test_missing_checkpoint_fails_configure_with_one_line_naming_the_file(tmp_path, harness):
+    node = start(tmp_path, '-p', 'model.checkpoint:=/nonexistent/scene_model.pt')
+    try:
+        wait_for(lambda: 'configure failed' in node.log(), 30, 'configure to fail')
+        assert "checkpoint not found: '/nonexistent/scene_model.pt'" in node.log()
+        assert node.process.poll() is None  # the node keeps running, unconfigured
+        assert harness.lifecycle_state() == 'unconfigured'
+    finally:
+        assert node.stop() == 0
+
+
+def test_a_best_effort_camera_against_a_reliable_subscription_is_named(tmp_path, harness):
+    node = start(tmp_path, '-p', 'qos.reliability:=reliable')
+    try:
+        harness.camera('/camera/image_raw', reliable=False)
+        wait_for(lambda: 'set qos.reliability to best_effort' in node.log(), 30,
+                 'the incompatible-QoS warning')
+    finally:
+        assert node.stop() == 0

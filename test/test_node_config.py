@@ -1,0 +1,106 @@
+"""The node's parameters and bookkeeping, tested without rclpy.init."""
+
+import importlib.util
+import threading
+
+from cnn_rnn_perception.node_config import (
+    CameraStats, LatestFrames, model_config, needs_reload, PARAMETERS, validate)
+import pytest
+from ros_harness import ROOT
+import yaml
+
+CURRENT = {spec.name: spec.default for spec in PARAMETERS}
+
+
+@pytest.mark.parametrize('changes,reason', [
+    ({'top_k': 0}, 'top_k must be in [1, 1000]; got 0'),
+    ({'smoothing': 1.0}, 'smoothing must be in [0.0, 0.99]'),
+    ({'qos.reliability': 'sometimes'}, 'qos.reliability must be one of best_effort, reliable'),
+    ({'image_topics': []}, 'image_topics must be a non-empty list'),
+    ({'image_topics': ['/a', '/a']}, 'image_topics has duplicates'),
+    ({'labels': ['a', 'a']}, 'labels must be a non-empty list of distinct names'),
+    ({'model.input_size': [16, 16]}, 'model.input_size must be [height, width], each >= 32'),
+    ({'device': 'gpu0'}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ({'model.sequence': 'rows', 'model.strip': 2}, 'strip=2 does not divide the feature map'),
+    ({'model.checkpoint': '/nonexistent.pt'}, "model.checkpoint '/nonexistent.pt': file not"),
+    ({'autostart': False}, 'autostart is read-only'),
+])
+def test_invalid_parameter_changes_are_refused_with_a_reason(changes, reason):
+    assert reason in validate(changes, CURRENT)
+
+
+def test_valid_changes_pass_and_reload_ones_are_named():
+    changes = {'top_k': 3, 'model.sequence': 'rows', 'model.strip': 7, 'smoothing': 0.5}
+    assert validate(changes, CURRENT) is None
+    assert needs_reload(changes) == ['model.sequence', 'model.strip']
+    config = model_config({**CURRENT, **changes})
+    assert (config.sequence, config.strip, config.num_classes) == ('rows', 7, 6)
+
+
+def test_params_file_documents_every_parameter_with_its_default():
+    document = yaml.safe_load((ROOT / 'config' / 'perception.yaml').read_text())
+    values = document['/**']['ros__parameters']
+
+    def lookup(name):
+        node = values
+        for part in name.split('.'):
+            node = node[part]
+        return node
+
+    for spec in PARAMETERS:
+        assert lookup(spec.name) == spec.default, spec.name
+    comments = ' '.join((ROOT / 'config' / 'perception.yaml').read_text()
+                        .replace('#', ' ').split())
+    for spec in PARAMETERS:
+        assert ' '.join(spec.description.split()) in comments, spec.name
+
+
+def test_camera_stats_account_for_every_frame_and_report_levels():
+    stats = CameraStats('/cam')
+    assert stats.snapshot(2.0)['message'] == 'no frames received yet'
+    for _ in range(5):
+        stats.on_received()
+    stats.on_dropped_stale()
+    stats.on_rejected('truncated image')
+    stats.on_classified(12.0)
+    stats.on_classified(20.0)
+    snap = stats.snapshot(2.0)
+    assert (snap['received'], snap['classified'], snap['dropped_stale'], snap['rejected'],
+            snap['pending']) == (5, 2, 1, 1, 1)
+    assert snap['latency_p50_ms'] == pytest.approx(16.0) and snap['level'] == 0
+    stats.on_rejected('unsupported encoding')
+    snap = stats.snapshot(2.0)
+    assert snap['level'] == 2 and 'every frame rejected: unsupported encoding' in snap['message']
+    assert stats.snapshot(0.0)['level'] == 1  # silent longer than 0 s
+
+
+def test_latest_frames_keep_only_the_newest_per_camera():
+    frames = LatestFrames()
+    assert frames.put('a', 1) is False
+    assert frames.put('a', 2) is True   # 1 was never taken: a stale drop
+    assert frames.put('b', 3) is False
+    assert frames.take_all(0.0) == {'a': 2, 'b': 3}
+    assert frames.take_all(0.0) == {}
+    woke = []
+    waiter = threading.Thread(target=lambda: woke.append(frames.take_all(5.0)))
+    waiter.start()
+    frames.put('c', 4)
+    waiter.join(2.0)
+    assert woke == [{'c': 4}]
+    frames.put('d', 5)
+    assert frames.close() == {'d': 5}
+
+
+@pytest.mark.skipif(importlib.util.find_spec('launch_ros') is None,
+                    reason='launch_ros is an apt package of a ROS install; no PyPI wheel')
+def test_launch_file_declares_documented_arguments():
+    spec = importlib.util.spec_from_file_location(
+        'perception_launch', ROOT / 'launch' / 'perception.launch.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from launch.actions import DeclareLaunchArgument
+    arguments = {action.name: action for action in module.generate_launch_description().entities
+                 if isinstance(action, DeclareLaunchArgument)}
+    assert {'params_file', 'namespace', 'image_topics', 'device', 'checkpoint',
+            'log_level'} <= set(arguments)
+    assert all(argument.description for argument in arguments.values())
