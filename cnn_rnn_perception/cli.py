@@ -125,6 +125,120 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(',') if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected numbers like 15,30; got {text!r}') from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f'expected positive numbers; got {text!r}')
+    return values
+
+
+def _bench_node(args: argparse.Namespace) -> int:
+    from cnn_rnn_perception.node_bench import format_node_table, run_node_benchmark
+
+    height, width = args.input_size
+    node_args = ['-p', f'device:={args.device}', '-p', f'precision:={args.precision}',
+                 '-p', f'compile:={"false" if args.no_compile else "true"}',
+                 '-p', f'model.backbone:={args.backbone}',
+                 '-p', f'model.sequence:={args.sequence}',
+                 '-p', f'model.strip:={args.strip}', '-p', f'model.rnn:={args.rnn}',
+                 '-p', f'model.hidden_size:={args.hidden_size}',
+                 '-p', f'model.bidirectional:={str(args.bidirectional).lower()}',
+                 '-p', f'model.pooling:={args.pooling}',
+                 '-p', f'model.input_size:=[{height},{width}]']
+    if args.checkpoint:
+        node_args += ['-p', f'model.checkpoint:={args.checkpoint}']
+    frame_width, frame_height = args.frame_size
+    report = run_node_benchmark(cameras=args.cameras, rates_hz=args.rates,
+                                duration_s=args.duration, warmup_s=args.warmup,
+                                frame_size=(frame_height, frame_width), node_args=node_args,
+                                progress=not args.no_progress)
+    print(format_node_table(report))
+    if args.json:
+        with open(args.json, 'w') as out:
+            json.dump(report, out, indent=2)
+        print(f'wrote {args.json}')
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cnn_rnn_perception.evaluate import (
+        evaluate_bags, format_scores, plot_confusion, PredictionWriter, score_scene_recording)
+
+    if args.scenes:
+        if len(args.bags) != 1:
+            raise ValueError('--scenes scores one replay recording against one bag')
+        result = score_scene_recording(args.scenes, args.bags[0], label_topic=args.label_topic,
+                                       labels_csv=args.labels_csv)
+    else:
+        if not args.checkpoint:
+            raise ValueError('evaluate needs --checkpoint (a trained model), or --scenes to '
+                             'score a replay recording')
+        from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
+        settings = EngineSettings(device=args.device, precision=args.precision,
+                                  compile_trunk=args.compile, threads=args.threads,
+                                  max_batch=args.batch_size)
+        engine = InferenceEngine.from_checkpoint(args.checkpoint, settings)
+        result = evaluate_bags(args.bags, engine, topics=args.topics,
+                               label_topic=args.label_topic, labels_csv=args.labels_csv,
+                               batch_size=args.batch_size, predictions_path=args.output,
+                               progress=not args.no_progress)
+        engine.close()
+    if args.scenes and args.output:
+        writer = PredictionWriter(args.output)
+        for prediction in result['predictions']:
+            writer.write(prediction)
+        writer.close()
+    summary = result['summary']
+    print(f'{summary["frames"]} frames from {len(summary["bags"])} bag(s)'
+          + (f', {summary["bad_frames"]} bad frames skipped' if summary.get('bad_frames') else '')
+          + (f', {summary["frames_per_s"]:.1f} frames/s ({summary["throughput_vs_engine"]:.0%} '
+             "of the engine's own throughput)" if summary.get('throughput_vs_engine') else ''))
+    for topic, reason in summary.get('bad_frame_reasons', {}).items():
+        print(f'  {topic}: {summary["bad_frames_by_topic"][topic]} bad, last: {reason}')
+    if summary['accuracy'] is not None:
+        print(format_scores(summary))
+        if args.confusion_png:
+            plot_confusion(summary, args.confusion_png)
+            print(f'wrote {args.confusion_png}')
+    elif args.label_topic or args.labels_csv:
+        print('no frame had a label at or before it: nothing scored')
+    if args.output:
+        print(f'wrote {args.output}')
+    if args.summary:
+        with open(args.summary, 'w') as out:
+            json.dump(summary, out, indent=2)
+        print(f'wrote {args.summary}')
+    if args.min_accuracy is not None:
+        if summary['accuracy'] is None:
+            raise ValueError('--min-accuracy needs ground truth: --label-topic or --labels-csv')
+        if summary['accuracy'] < args.min_accuracy:
+            print(f'FAIL: accuracy {summary["accuracy"]:.4f} is below --min-accuracy '
+                  f'{args.min_accuracy}', file=sys.stderr)
+            return 1
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from cnn_rnn_perception.replay import parse_remaps, replay_bag
+
+    record = replay_bag(args.bag, topics=args.topics, label_topic=args.label_topic,
+                        rate=0.0 if args.as_fast_as_possible else args.rate, loop=args.loop,
+                        remap=parse_remaps(args.remap), reliable=args.qos == 'reliable',
+                        scene_topic=args.scene_topic if (args.lockstep or args.record)
+                        else None, lockstep=args.lockstep, record_path=args.record,
+                        wait_subscribers_s=args.wait, progress=not args.no_progress)
+    published = ', '.join(f'{topic} {count}' for topic, count in record['published'].items())
+    print(f'published {published}')
+    if args.record:
+        print(f'recorded {record["scenes"]} scene messages to {args.record}')
+    if record['lockstep_timeouts']:
+        print(f'{record["lockstep_timeouts"]} frames got no scene result in time')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -169,6 +283,89 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(bench)
     _add_model_options(bench)
     bench.set_defaults(handler=_bench)
+
+    bench_node = commands.add_parser(
+        'bench-node', help='end-to-end latency of the running node (camera to ~/scene)',
+        description='Start perception_node as its own process, publish camera frames stamped '
+                    'at send time, and time each ~/scene result: end-to-end p50/p95/p99 next '
+                    "to the engine's own time for the same frames, latency drift over the run "
+                    "and the node's memory. DDS stays on loopback.")
+    bench_node.add_argument('--cameras', type=_int_list, default=[1, 4], metavar='N[,N...]',
+                            help='camera counts to measure (default: 1,4)')
+    bench_node.add_argument('--rates', type=_float_list, default=[15.0, 30.0],
+                            metavar='HZ[,HZ...]', help='frame rates per camera (default: 15,30)')
+    bench_node.add_argument('--duration', type=float, default=20.0,
+                            help='measured seconds per (cameras, rate) (default: 20)')
+    bench_node.add_argument('--warmup', type=float, default=3.0,
+                            help='unmeasured seconds first (default: 3)')
+    bench_node.add_argument('--frame-size', type=_size, default=(640, 480), metavar='WxH',
+                            help='rgb8 frame width x height (default: 640x480)')
+    bench_node.add_argument('--checkpoint', help='a checkpoint for the node to load')
+    bench_node.add_argument('--no-compile', action='store_true', help='run the trunk eagerly')
+    bench_node.add_argument('--json', metavar='PATH', help='also write the report as JSON')
+    bench_node.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_engine_options(bench_node)
+    _add_model_options(bench_node)
+    bench_node.set_defaults(handler=_bench_node)
+
+    evaluate = commands.add_parser(
+        'evaluate', help='classify every frame of recorded bags and score against labels',
+        description='Run a checkpoint over every image of one or more bags (rosbag2 '
+                    'directories, .db3 or .mcap files, ROS 1 .bag), write per-frame '
+                    'predictions, and with ground truth report accuracy, per-class '
+                    'precision/recall and a confusion matrix. --min-accuracy makes the exit '
+                    'code fail below a threshold, for CI.')
+    evaluate.add_argument('bags', nargs='+', metavar='BAG')
+    evaluate.add_argument('--checkpoint', help='the model to evaluate')
+    evaluate.add_argument('--topics', nargs='+', metavar='TOPIC',
+                          help='image topics (default: every Image and CompressedImage topic)')
+    evaluate.add_argument('--label-topic', help='std_msgs/String ground-truth topic; a frame '
+                          'takes the latest label recorded at or before it')
+    evaluate.add_argument('--labels-csv', help='sidecar CSV of stamp,label rows (stamps in '
+                          'seconds, matched to frame header stamps)')
+    evaluate.add_argument('--batch-size', type=int, default=16)
+    evaluate.add_argument('--output', metavar='FILE.csv|FILE.jsonl',
+                          help='write per-frame predictions')
+    evaluate.add_argument('--summary', metavar='FILE.json', help='write the summary as JSON')
+    evaluate.add_argument('--confusion-png', metavar='FILE.png',
+                          help='draw the confusion matrix')
+    evaluate.add_argument('--min-accuracy', type=float,
+                          help='exit with code 1 when accuracy is below this')
+    evaluate.add_argument('--scenes', metavar='FILE.jsonl', help="score a replay run's "
+                          'recorded ~/scene output instead of running a model')
+    evaluate.add_argument('--compile', action='store_true', help='torch.compile the trunk')
+    evaluate.add_argument('--no-progress', action='store_true', help='no progress bar')
+    _add_engine_options(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
+    replay = commands.add_parser(
+        'replay', help="publish a bag's image and label topics into ROS (like ros2 bag play)",
+        description="Publish a rosbag2's image topics (and label topic) with their recorded "
+                    'header stamps: at the recorded rate, scaled, as fast as possible, or in '
+                    "lockstep with the node. --record saves the node's ~/scene output for "
+                    '"evaluate --scenes".')
+    replay.add_argument('bag', metavar='BAG')
+    replay.add_argument('--topics', nargs='+', metavar='TOPIC',
+                        help='image topics (default: every image topic)')
+    replay.add_argument('--label-topic', help='also publish this std_msgs/String topic')
+    replay.add_argument('--rate', type=float, default=1.0,
+                        help='speed relative to the recording (default: 1.0)')
+    replay.add_argument('--as-fast-as-possible', action='store_true',
+                        help='no pauses between messages')
+    replay.add_argument('--lockstep', action='store_true',
+                        help="wait for each frame's ~/scene result before the next frame")
+    replay.add_argument('--loop', action='store_true', help='start again at the end')
+    replay.add_argument('--remap', nargs='+', default=[], metavar='FROM:=TO',
+                        help='publish a bag topic under another name')
+    replay.add_argument('--qos', choices=('best_effort', 'reliable'), default='best_effort',
+                        help='publisher reliability (default: best_effort, like a camera)')
+    replay.add_argument('--scene-topic', default='/cnn_rnn_perception/scene',
+                        help="the node's scene topic, for --lockstep and --record")
+    replay.add_argument('--record', metavar='FILE.jsonl', help='record ~/scene to JSONL')
+    replay.add_argument('--wait', type=float, default=30.0,
+                        help='seconds to wait for subscribers (default: 30)')
+    replay.add_argument('--no-progress', action='store_true', help='no progress bar')
+    replay.set_defaults(handler=_replay)
     return parser
 
 

@@ -1,0 +1,292 @@
+"""
+Offline evaluation: the engine over every frame of one or more bags, scored against labels.
+
+Reading and decoding run in a thread of their own, feeding batches to the engine through a
+bounded queue, so IO and inference overlap. Frames that fail to decode are counted per topic
+and skipped. The same scoring code scores a replay run's recorded ``~/scene`` output.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass, field
+import json
+from pathlib import Path
+import queue
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+from cnn_rnn_perception.bags import BagError, BagFrame, BagSource, Labels
+from cnn_rnn_perception.engine import InferenceEngine
+from cnn_rnn_perception.image_conversion import ImageRejected, message_to_frame
+import numpy as np
+from tqdm import tqdm
+
+
+@dataclass
+class Prediction:
+    """One frame's prediction, as written to the predictions file."""
+
+    bag: str
+    topic: str
+    stamp: float
+    frame_id: str
+    label: str
+    score: float
+    top_k: list[tuple[str, float]]
+    truth: str | None = None
+
+
+@dataclass
+class BadFrames:
+    """Frames counted and skipped, per topic, with the last reason."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def add(self, topic: str, reason: str) -> None:
+        self.counts[topic] = self.counts.get(topic, 0) + 1
+        self.reasons[topic] = reason
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def score(truths: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
+          ) -> dict[str, Any]:
+    """Return accuracy, per-class precision/recall and the confusion matrix (rows: truth)."""
+    classes = list(labels) + sorted(set(truths) - set(labels))
+    index = {label: position for position, label in enumerate(classes)}
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    for truth, guess in zip(truths, predicted):
+        confusion[index[truth], index[guess]] += 1
+    total = int(confusion.sum())
+    per_class = {}
+    for position, label in enumerate(classes):
+        true_positive = int(confusion[position, position])
+        predicted_count = int(confusion[:, position].sum())
+        support = int(confusion[position].sum())
+        per_class[label] = {
+            'precision': true_positive / predicted_count if predicted_count else None,
+            'recall': true_positive / support if support else None,
+            'support': support}
+    return {'accuracy': float(np.trace(confusion) / total) if total else None,
+            'scored_frames': total, 'labels': classes, 'per_class': per_class,
+            'confusion': confusion.tolist()}
+
+
+def format_scores(scores: dict[str, Any]) -> str:
+    """Render per-class metrics and the confusion matrix as text."""
+    labels = scores['labels']
+    corner = 'truth \\ predicted'
+    width = max(len(label) for label in labels + [corner])
+    lines = [f'accuracy {scores["accuracy"]:.4f} over {scores["scored_frames"]} labelled frames',
+             '', f'{"class":<{width}}  precision  recall  support']
+    for label in labels:
+        metrics = scores['per_class'][label]
+        precision = '-' if metrics['precision'] is None else f'{metrics["precision"]:.3f}'
+        recall = '-' if metrics['recall'] is None else f'{metrics["recall"]:.3f}'
+        lines.append(f'{label:<{width}}  {precision:>9}  {recall:>6}  {metrics["support"]:>7}')
+    cell = max(6, max(len(label) for label in labels))
+    lines += ['', f'{corner:<{width}}  ' + ' '.join(
+        f'{label[:cell]:>{cell}}' for label in labels)]
+    for label, row in zip(labels, scores['confusion']):
+        lines.append(f'{label:<{width}}  ' + ' '.join(f'{count:>{cell}}' for count in row))
+    return '\n'.join(lines)
+
+
+def plot_confusion(scores: dict[str, Any], path: str | Path, title: str = '') -> None:
+    """Write the confusion matrix as a PNG, counts in every cell."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot
+
+    labels = scores['labels']
+    matrix = np.array(scores['confusion'])
+    figure, axes = pyplot.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(labels) + 1.5))
+    axes.imshow(matrix, cmap='Blues')
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha='right')
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel('predicted')
+    axes.set_ylabel('truth')
+    limit = matrix.max() / 2 if matrix.size else 0
+    for row in range(len(labels)):
+        for column in range(len(labels)):
+            axes.text(column, row, str(matrix[row, column]), ha='center', va='center',
+                      color='white' if matrix[row, column] > limit else 'black')
+    accuracy = scores['accuracy']
+    axes.set_title(title or (f'accuracy {accuracy:.3f}' if accuracy is not None else ''))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+class PredictionWriter:
+    """Predictions to CSV or JSONL, chosen by the file's suffix."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._handle = None
+        self._csv = None
+        if self.path is None:
+            return
+        if self.path.suffix not in ('.csv', '.jsonl'):
+            raise ValueError(f'predictions file must end in .csv or .jsonl; got {self.path}')
+        self._handle = self.path.open('w', newline='')
+        if self.path.suffix == '.csv':
+            self._csv = csv.writer(self._handle)
+            self._csv.writerow(['bag', 'topic', 'stamp', 'frame_id', 'label', 'score', 'top_k',
+                                'truth'])
+
+    def write(self, prediction: Prediction) -> None:
+        if self._handle is None:
+            return
+        if self._csv is not None:
+            top = ';'.join(f'{label}:{value:.4f}' for label, value in prediction.top_k)
+            self._csv.writerow([prediction.bag, prediction.topic, f'{prediction.stamp:.9f}',
+                                prediction.frame_id, prediction.label,
+                                f'{prediction.score:.6f}', top, prediction.truth or ''])
+        else:
+            self._handle.write(json.dumps(asdict(prediction)) + '\n')
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+_DONE = object()
+
+
+def _decode_bags(paths: Sequence[str], topics: Sequence[str] | None, label_topic: str | None,
+                 labels_csv: str | None, out: queue.Queue, bad: BadFrames,
+                 stop: threading.Event) -> None:
+    """Read and decode frames into ``out`` (the producer); a fatal error goes in the queue."""
+    try:
+        sidecar = Labels.from_csv(labels_csv) if labels_csv else None
+        for path in paths:
+            with BagSource(path) as bag:
+                selected = bag.image_topics(topics)
+                labels = bag.labels(label_topic) if label_topic else sidecar
+                for item in bag.frames(selected, labels, labels_by_stamp=sidecar is not None):
+                    if stop.is_set():
+                        return
+                    if isinstance(item, BagError):
+                        bad.add(str(item).split(': cannot')[0], str(item))
+                        continue
+                    try:
+                        frame, order = message_to_frame(item.message)
+                    except ImageRejected as error:
+                        bad.add(item.topic, str(error))
+                        continue
+                    item.message = None  # the decoded frame is all that is needed now
+                    out.put((item, frame, order))
+    except BaseException as error:  # handed to the consumer, which raises it
+        out.put(error)
+    finally:
+        out.put(_DONE)
+
+
+def evaluate_bags(paths: Sequence[str], engine: InferenceEngine, *,
+                  topics: Sequence[str] | None = None, label_topic: str | None = None,
+                  labels_csv: str | None = None, batch_size: int = 16,
+                  predictions_path: str | Path | None = None, top_k: int = 5,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run the engine over every frame; return predictions, counts, throughput and scores."""
+    if label_topic and labels_csv:
+        raise ValueError('give either a label topic or a labels CSV, not both')
+    bad = BadFrames()
+    frames: queue.Queue = queue.Queue(maxsize=4 * batch_size)
+    stop = threading.Event()
+    producer = threading.Thread(target=_decode_bags, daemon=True, args=(
+        list(paths), topics, label_topic, labels_csv, frames, bad, stop))
+    writer = PredictionWriter(predictions_path)
+    predictions: list[Prediction] = []
+    engine_seconds = 0.0
+    # Compile (or capture) the batch size before the clock starts: throughput is steady state.
+    engine.warmup(batch_sizes=[batch_size])
+    started = time.perf_counter()
+    producer.start()
+    bar = tqdm(desc='evaluating', unit='frame', disable=not progress)
+    try:
+        finished = False
+        while not finished:
+            batch: list[tuple[BagFrame, np.ndarray, str]] = []
+            while len(batch) < batch_size:
+                item = frames.get()
+                if item is _DONE:
+                    finished = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                batch.append(item)
+            if not batch:
+                continue
+            infer_started = time.perf_counter()
+            results = engine.infer([frame for _, frame, _ in batch],
+                                   color_order=[order for _, _, order in batch], top_k=top_k)
+            engine_seconds += time.perf_counter() - infer_started
+            for (record, _, _), result in zip(batch, results):
+                prediction = Prediction(
+                    bag=record.bag, topic=record.topic, stamp=record.stamp_ns * 1e-9,
+                    frame_id=record.frame_id, label=result.label, score=result.score,
+                    top_k=result.top_k, truth=record.label)
+                predictions.append(prediction)
+                writer.write(prediction)
+            bar.update(len(batch))
+    finally:
+        stop.set()
+        bar.close()
+        writer.close()
+    elapsed = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        'bags': [str(path) for path in paths], 'frames': len(predictions),
+        'bad_frames': bad.total, 'bad_frames_by_topic': bad.counts,
+        'bad_frame_reasons': bad.reasons, 'batch_size': batch_size,
+        'frames_per_s': len(predictions) / elapsed if elapsed else None,
+        'engine_frames_per_s': len(predictions) / engine_seconds if engine_seconds else None,
+        'engine': engine.describe(),
+    }
+    if summary['frames_per_s'] and summary['engine_frames_per_s']:
+        summary['throughput_vs_engine'] = summary['frames_per_s'] / summary['engine_frames_per_s']
+    summary.update(_scores_of(predictions, engine.labels))
+    return {'summary': summary, 'predictions': predictions}
+
+
+def _scores_of(predictions: Iterable[Prediction], labels: Sequence[str]) -> dict[str, Any]:
+    labelled = [p for p in predictions if p.truth is not None]
+    if not labelled:
+        return {'accuracy': None, 'scored_frames': 0}
+    return score([p.truth for p in labelled], [p.label for p in labelled], labels)
+
+
+def score_scene_recording(scenes_path: str | Path, bag_path: str, *, label_topic: str | None,
+                          labels_csv: str | None = None) -> dict[str, Any]:
+    """Score a replay run's recorded ``~/scene`` JSONL against the bag's labels."""
+    scenes_path = Path(scenes_path)
+    if not scenes_path.is_file():
+        raise BagError(f'scene recording not found: {str(scenes_path)!r}')
+    scenes = [json.loads(line) for line in scenes_path.read_text().splitlines() if line.strip()]
+    sidecar = Labels.from_csv(labels_csv) if labels_csv else None
+    truths: dict[tuple[str, int], str | None] = {}
+    with BagSource(bag_path) as bag:
+        labels = bag.labels(label_topic) if label_topic else sidecar
+        for item in bag.frames(bag.image_topics(None), labels,
+                               labels_by_stamp=sidecar is not None):
+            if isinstance(item, BagFrame):
+                truths[(item.topic, item.stamp_ns)] = item.label
+    predictions = []
+    for scene in scenes:
+        stamp_ns = scene['stamp']['sec'] * 1_000_000_000 + scene['stamp']['nanosec']
+        predictions.append(Prediction(
+            bag=bag_path, topic=scene['topic'], stamp=stamp_ns * 1e-9,
+            frame_id=scene['frame_id'], label=scene['label'], score=scene['score'],
+            top_k=[(entry['label'], entry['score']) for entry in scene['top_k']],
+            truth=truths.get((scene['topic'], stamp_ns))))
+    seen_truths = {p.truth for p in predictions if p.truth is not None}
+    class_names = sorted({p.label for p in predictions} | seen_truths)
+    summary = {'bags': [bag_path], 'frames': len(predictions),
+               'unmatched_scenes': sum(1 for p in predictions if p.truth is None)}
+    summary.update(_scores_of(predictions, class_names))
+    return {'summary': summary, 'predictions': predictions}

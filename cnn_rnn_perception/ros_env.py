@@ -1,0 +1,41 @@
+"""
+DDS on loopback, for every test, benchmark and demo that starts ROS processes.
+
+Set before rclpy is imported, and inherited by every process started afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+
+def dds_profile() -> str | None:
+    """Return config/fastdds_shm.xml from a source checkout, a pip or a colcon install."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(os.path.dirname(here), 'config', 'fastdds_shm.xml'),
+                  os.path.join(sys.prefix, 'share', 'cnn_rnn_perception', 'config',
+                               'fastdds_shm.xml')]
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        candidates.append(os.path.join(get_package_share_directory('cnn_rnn_perception'),
+                                       'config', 'fastdds_shm.xml'))
+    except Exception:  # not in an ament index (a source checkout): the other places remain
+        pass
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def use_loopback_dds(domain_id: int | None = None) -> int:
+    """Keep discovery on this machine, in a domain of this run's own; return the domain id."""
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    os.environ['ROS_STATIC_PEERS'] = ''
+    if domain_id is None:
+        domain_id = int(os.environ.get('ROS_DOMAIN_ID') or
+                        random.SystemRandom().randint(1, 101))
+    os.environ['ROS_DOMAIN_ID'] = str(domain_id)
+    # Large camera frames need the 16 MB shared-memory segment (see config/fastdds_shm.xml).
+    profile = dds_profile()
+    if profile:
+        os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', profile)
+    return domain_id

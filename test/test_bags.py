@@ -1,0 +1,170 @@
+"""Bags: reading, offline evaluation, and the evaluate command; bags are written here."""
+
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+from cnn_rnn_perception.bags import BagError, BagSource, BagWriter, Labels
+from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
+from cnn_rnn_perception.evaluate import evaluate_bags, score
+from cnn_rnn_perception.image_conversion import message_to_frame
+from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, save_checkpoint
+from cnn_rnn_perception.synthetic import camera_frame
+import cv2
+import numpy as np
+import pytest
+import torch
+
+LABELS = ['corridor', 'doorway_left', 'doorway_right']
+COMMAND = str(Path(sys.executable).with_name('cnn_rnn_perception'))
+SECOND = 1_000_000_000
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = CnnRnnClassifier(ModelConfig(input_size=(64, 64), hidden_size=16, num_classes=3))
+    path = tmp_path_factory.mktemp('model') / 'model.pt'
+    save_checkpoint(path, model, labels=LABELS)
+    return path
+
+
+def write_scene_bag(path: Path, storage: str = 'sqlite3', bad_frame: bool = True) -> Path:
+    """
+    Write 12 raw frames (rgb8, bgr8, mono8, yuv422) and 6 JPEGs over 1.2 s, labels changing.
+
+    The first label arrives at 0.15 s, so the first two frames of each topic have no label.
+    """
+    with BagWriter(path, storage=storage) as bag:
+        bag.write_label('/scene_label', 'corridor', 10 * SECOND + 150_000_000)
+        bag.write_label('/scene_label', 'doorway_left', 10 * SECOND + 600_000_000)
+        for index in range(12):
+            stamp = 10 * SECOND + index * 100_000_000
+            frame = camera_frame(120, 160, seed=index)
+            encoding, pixels = [('bgr8', frame), ('rgb8', frame[..., ::-1]),
+                                ('mono8', cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)),
+                                ('yuv422', np.zeros((120, 160, 2), np.uint8) + 128)][index % 4]
+            bag.write_image('/front/image_raw', pixels, encoding, stamp, 'front')
+            if index % 2 == 0:
+                jpeg = cv2.imencode('.jpg', frame)[1].tobytes()
+                bag.write_compressed('/rear/image_raw/compressed', jpeg, 'jpeg', stamp + 1, 'rear')
+        if bad_frame:
+            bad = bag.typestore.types['sensor_msgs/msg/Image'](
+                header=bag._header(12 * SECOND, 'front'), height=120, width=160,
+                encoding='rgb8', is_bigendian=0, step=480, data=np.zeros(100, np.uint8))
+            bag.write_message('/front/image_raw', 'sensor_msgs/msg/Image', 12 * SECOND, bad)
+    return path
+
+
+def engine_for(checkpoint) -> InferenceEngine:
+    return InferenceEngine.from_checkpoint(
+        checkpoint, EngineSettings(device='cpu', compile_trunk=False, max_batch=4))
+
+
+@pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
+def test_evaluate_gives_the_same_predictions_as_the_engine_frame_by_frame(
+        tmp_path, checkpoint, storage):
+    bag_path = write_scene_bag(tmp_path / 'scenes', storage)
+    engine = engine_for(checkpoint)
+    result = evaluate_bags([str(bag_path)], engine, label_topic='/scene_label', batch_size=4,
+                           progress=False)
+    predictions = result['predictions']
+    with BagSource(bag_path) as bag:
+        frames = [item for item in bag.frames(bag.image_topics()) if not isinstance(
+            item, BagError)]
+    expected = []
+    for record in frames:
+        try:
+            frame, order = message_to_frame(record.message)
+        except ValueError:
+            continue
+        expected.append((record.topic, record.stamp_ns,
+                         engine.infer([frame], color_order=order)[0]))
+    assert len(predictions) == len(expected) == 18
+    for prediction, (topic, stamp_ns, single) in zip(predictions, expected):
+        assert (prediction.topic, round(prediction.stamp * 1e9)) == (topic, stamp_ns)
+        assert prediction.label == single.label
+        assert prediction.score == pytest.approx(single.score, abs=1e-5)
+    summary = result['summary']
+    assert summary['bad_frames'] == 1
+    assert 'truncated image' in summary['bad_frame_reasons']['/front/image_raw']
+
+
+def test_labels_are_the_latest_at_or_before_each_frame(tmp_path, checkpoint):
+    bag_path = write_scene_bag(tmp_path / 'scenes')
+    result = evaluate_bags([str(bag_path)], engine_for(checkpoint), label_topic='/scene_label',
+                           topics=['/front/image_raw'], progress=False)
+    truths = [p.truth for p in result['predictions']]
+    assert truths == [None, None] + ['corridor'] * 4 + ['doorway_left'] * 6
+    assert result['summary']['scored_frames'] == 10
+
+
+def test_sidecar_csv_labels_match_header_stamps(tmp_path, checkpoint):
+    bag_path = write_scene_bag(tmp_path / 'scenes', bad_frame=False)
+    csv_path = tmp_path / 'labels.csv'
+    csv_path.write_text('stamp,label\n10.0,doorway_right\n10.55,corridor\n')
+    result = evaluate_bags([str(bag_path)], engine_for(checkpoint), labels_csv=str(csv_path),
+                           topics=['/front/image_raw'], progress=False)
+    assert [p.truth for p in result['predictions']] == ['doorway_right'] * 6 + ['corridor'] * 6
+
+
+def test_scores_count_precision_recall_and_confusion():
+    scores = score(['a', 'a', 'b', 'b'], ['a', 'b', 'b', 'b'], ['a', 'b', 'c'])
+    assert scores['accuracy'] == 0.75
+    assert scores['confusion'] == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
+    assert scores['per_class']['b'] == {'precision': 2 / 3, 'recall': 1.0, 'support': 2}
+    assert scores['per_class']['c']['precision'] is None
+    assert Labels([5, 1], ['late', 'early']).at(3) == 'early'
+
+
+def run(*args):
+    return subprocess.run([COMMAND, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
+
+
+@pytest.mark.slow
+def test_evaluate_command_writes_predictions_plot_summary_and_gates_on_accuracy(
+        tmp_path, checkpoint):
+    bag_path = write_scene_bag(tmp_path / 'scenes.mcap-dir', 'mcap')
+    mcap_file = next(bag_path.glob('*.mcap'))
+    outputs = {name: tmp_path / name for name in ('p.csv', 's.json', 'c.png', 'p.jsonl')}
+    result = run('evaluate', str(mcap_file), '--checkpoint', str(checkpoint), '--label-topic',
+                 '/scene_label', '--output', str(outputs['p.csv']), '--summary',
+                 str(outputs['s.json']), '--confusion-png', str(outputs['c.png']),
+                 '--min-accuracy', '0.0', '--no-progress')
+    assert result.returncode == 0, result.stderr
+    assert 'accuracy' in result.stdout and 'truth \\ predicted' in result.stdout
+    assert '1 bad frames skipped' in result.stdout
+    rows = outputs['p.csv'].read_text().splitlines()
+    assert rows[0].startswith('bag,topic,stamp,frame_id,label,score') and len(rows) == 19
+    summary = json.loads(outputs['s.json'].read_text())
+    assert summary['frames'] == 18 and summary['scored_frames'] == 15
+    assert outputs['c.png'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    gated = run('evaluate', str(mcap_file), '--checkpoint', str(checkpoint), '--label-topic',
+                '/scene_label', '--min-accuracy', '1.01', '--no-progress')
+    assert gated.returncode == 1 and 'is below --min-accuracy 1.01' in gated.stderr
+
+
+@pytest.mark.slow
+def test_user_mistakes_with_bags_are_one_line_errors(tmp_path, checkpoint):
+    bag_path = write_scene_bag(tmp_path / 'scenes')
+    cases = [
+        ([str(tmp_path / 'missing_bag')], 'bag not found'),
+        ([str(bag_path), '--topics', '/scene_label'],
+         "topic '/scene_label' is std_msgs/msg/String, not sensor_msgs/msg/Image"),
+        ([str(bag_path), '--topics', '/nope'], "no topic '/nope'; image topics here"),
+        ([str(bag_path), '--label-topic', '/front/image_raw'],
+         "label topic '/front/image_raw' is sensor_msgs/msg/Image"),
+    ]
+    truncated = tmp_path / 'truncated.db3'
+    database = next(bag_path.glob('*.db3')).read_bytes()
+    truncated.write_bytes(database[:len(database) // 3])
+    cases.append(([str(truncated)], str(truncated)))
+    for arguments, message in cases:
+        result = run('evaluate', *arguments, '--checkpoint', str(checkpoint), '--no-progress')
+        assert result.returncode == 2, (arguments, result.stdout, result.stderr)
+        assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    no_model = run('evaluate', str(bag_path))
+    assert no_model.returncode == 2 and 'evaluate needs --checkpoint' in no_model.stderr
