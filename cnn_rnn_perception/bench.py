@@ -186,6 +186,15 @@ def run_benchmark(config: ModelConfig, *, settings: EngineSettings,
             'iterations': iterations, 'rows': [asdict(row) for row in rows]}
 
 
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Align cells into columns separated by ' | ', with a rule under the header."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    lines = [' | '.join(cell.ljust(width) for cell, width in zip(line, widths))
+             for line in (header, *rows)]
+    lines.insert(1, '-+-'.join('-' * width for width in widths))
+    return lines
+
+
 def format_table(report: dict[str, object]) -> str:
     """Render a report as the plain-text table the README quotes."""
     header = ('path', 'batch', 'p50 ms', 'p95 ms', 'frames/s', 'peak RSS MB',
@@ -196,10 +205,7 @@ def format_table(report: dict[str, object]) -> str:
         lines.append((row['path'], str(row['batch_size']), f'{row["p50_ms"]:.2f}',
                       f'{row["p95_ms"]:.2f}', f'{row["frames_per_s"]:.1f}',
                       f'{row["peak_rss_mb"]:.0f}', gpu, f'{row["speedup"]:.2f}x'))
-    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-    render = [' | '.join(cell.ljust(width) for cell, width in zip(line, widths))
-              for line in (header, *lines)]
-    render.insert(1, '-+-'.join('-' * width for width in widths))
+    render = render_table(header, lines)
     machine = report['machine']
     model = report['model']
     frame = report['frame_size']

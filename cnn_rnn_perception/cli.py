@@ -33,6 +33,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, 'w') as out:
+            json.dump(report, out, indent=2)
+        print(f'wrote {path}')
+
+
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('engine')
     group.add_argument('--device', default='auto',
@@ -118,10 +125,7 @@ def _bench(args: argparse.Namespace) -> int:
                            frame_size=(height, width), batch_sizes=args.batch_sizes,
                            iterations=args.iterations, progress=not args.no_progress)
     print(format_table(report))
-    if args.json:
-        with open(args.json, 'w') as out:
-            json.dump(report, out, indent=2)
-        print(f'wrote {args.json}')
+    _write_json(args.json, report)
     return 0
 
 
@@ -156,10 +160,7 @@ def _bench_node(args: argparse.Namespace) -> int:
                                 frame_size=(frame_height, frame_width), node_args=node_args,
                                 progress=not args.no_progress)
     print(format_node_table(report))
-    if args.json:
-        with open(args.json, 'w') as out:
-            json.dump(report, out, indent=2)
-        print(f'wrote {args.json}')
+    _write_json(args.json, report)
     return 0
 
 
@@ -207,10 +208,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print('no frame had a label at or before it: nothing scored')
     if args.output:
         print(f'wrote {args.output}')
-    if args.summary:
-        with open(args.summary, 'w') as out:
-            json.dump(summary, out, indent=2)
-        print(f'wrote {args.summary}')
+    _write_json(args.summary, summary)
     if args.min_accuracy is not None:
         if summary['accuracy'] is None:
             raise ValueError('--min-accuracy needs ground truth: --label-topic or --labels-csv')

@@ -20,7 +20,8 @@ import threading
 import time
 from typing import Sequence
 
-from cnn_rnn_perception.ros_env import use_loopback_dds
+from cnn_rnn_perception.bench import render_table
+from cnn_rnn_perception.ros_env import BackgroundNode, use_loopback_dds
 from cnn_rnn_perception.synthetic import camera_frame
 import numpy as np
 import psutil
@@ -38,16 +39,12 @@ class _Probe:
     """Camera publishers and a scene listener in this process."""
 
     def __init__(self, topics: list[str], frame_size: tuple[int, int], node_fqn: str) -> None:
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import Image
         from std_msgs.msg import String
 
-        self._rclpy = rclpy
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('latency_probe', context=self.context)
+        self.ros = BackgroundNode('latency_probe')
+        self.node = self.ros.node
         self.clock = self.node.get_clock()
         height, width = frame_size
         self.messages = []
@@ -63,10 +60,6 @@ class _Probe:
         self.records: list[tuple[float, float, float]] = []  # (received, e2e ms, engine ms)
         self.recording = False
         self.node.create_subscription(String, f'{node_fqn}/scene', self._on_scene, 100)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
 
     def _on_scene(self, message) -> None:
         now = self.clock.now().nanoseconds * 1e-9
@@ -88,10 +81,7 @@ class _Probe:
             publisher.publish(message)
 
     def close(self) -> None:
-        self.executor.shutdown()
-        self._thread.join(timeout=5)  # a spinning thread left at exit aborts the process
-        self.node.destroy_node()
-        self._rclpy.shutdown(context=self.context)
+        self.ros.close()
 
 
 def measure(cameras: int, rate_hz: float, *, duration_s: float, warmup_s: float,
@@ -189,10 +179,7 @@ def format_node_table(report: dict[str, object]) -> str:
             ms(row['engine_ms']['p50']), ms(row.get('overhead_p50_ms')),
             f'{ms(row["first_third_p50_ms"])} / {ms(row["last_third_p50_ms"])}',
             f'{row["node_rss_first_mb"]:.0f} / {row["node_rss_last_mb"]:.0f}'))
-    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-    render = [' | '.join(cell.ljust(width) for cell, width in zip(line, widths))
-              for line in (header, *lines)]
-    render.insert(1, '-+-'.join('-' * width for width in widths))
+    render = render_table(header, lines)
     height, width = report['frame_size']
     return '\n'.join(render + ['', f'rgb8 {width}x{height} frames, best effort, '
                                    f'{report["duration_s"]:g} s per row; times in ms.'])

@@ -16,6 +16,7 @@ import time
 from typing import Any, Sequence
 
 from cnn_rnn_perception.bags import BagError, BagSource, IMAGE_TYPES, LABEL_TYPE
+from cnn_rnn_perception.ros_env import BackgroundNode
 from tqdm import tqdm
 
 
@@ -33,18 +34,14 @@ def parse_remaps(remaps: Sequence[str]) -> dict[str, str]:
 class _Player:
     def __init__(self, topics: dict[str, str], remap: dict[str, str], reliable: bool,
                  scene_topic: str | None) -> None:
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CompressedImage, Image
         from std_msgs.msg import String
 
         types = {'sensor_msgs/msg/Image': Image, 'sensor_msgs/msg/CompressedImage':
                  CompressedImage, LABEL_TYPE: String}
-        self._rclpy = rclpy
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('bag_replay', context=self.context)
+        self.ros = BackgroundNode('bag_replay')
+        self.node = self.ros.node
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE if reliable
                          else ReliabilityPolicy.BEST_EFFORT)
         self.publishers = {topic: self.node.create_publisher(
@@ -53,10 +50,6 @@ class _Player:
         self.scenes: list[dict] = []
         if scene_topic:
             self.node.create_subscription(String, scene_topic, self._on_scene, 100)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
 
     def _on_scene(self, message: Any) -> None:
         with self.condition:
@@ -81,10 +74,7 @@ class _Player:
             return self.condition.wait_for(seen, timeout_s)
 
     def close(self) -> None:
-        self.executor.shutdown()
-        self._thread.join(timeout=5)  # a spinning thread left at exit aborts the process
-        self.node.destroy_node()
-        self._rclpy.shutdown(context=self.context)
+        self.ros.close()
 
 
 def replay_bag(path: str, *, topics: Sequence[str] | None = None,

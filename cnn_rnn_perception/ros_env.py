@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import threading
 
 
 def dds_profile() -> str | None:
@@ -39,3 +40,27 @@ def use_loopback_dds(domain_id: int | None = None) -> int:
     if profile:
         os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', profile)
     return domain_id
+
+
+class BackgroundNode:
+    """An rclpy node in a context of its own, spun by a background thread (tools and tests)."""
+
+    def __init__(self, name: str) -> None:
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+
+        self._rclpy = rclpy
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop spinning, then tear down; a thread left spinning at exit aborts the process."""
+        self.executor.shutdown()
+        self._thread.join(timeout=5)
+        self.node.destroy_node()
+        self._rclpy.shutdown(context=self.context)

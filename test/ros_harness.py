@@ -17,14 +17,13 @@ import threading
 import time
 from typing import Any, Callable
 
+from cnn_rnn_perception.ros_env import BackgroundNode
 import cv2
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.srv import ChangeState, GetState
 import numpy as np
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -77,24 +76,16 @@ class Harness:
 
     def __init__(self, node_fqn: str = '/cnn_rnn_perception') -> None:
         self.node_fqn = node_fqn
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('test_harness', context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
+        self.ros = BackgroundNode('test_harness')
+        self.node = self.ros.node
         self._lock = threading.Lock()
         self.scenes: list[dict] = []
         self.statuses: dict[str, dict] = {}
         self.node.create_subscription(String, f'{node_fqn}/scene', self._on_scene, 100)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
 
     def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
-        self._thread.join(timeout=5)
+        self.ros.close()
 
     # -- listening -----------------------------------------------------------------------
 
