@@ -133,5 +133,6 @@ def feature_map_size(name: str, input_size: tuple[int, int]) -> tuple[int, int]:
     check_backbone_name(name)
     with torch.device('meta'):
         trunk = BACKBONES[name].trunk(torchvision.models.get_model(name, weights=None))
-        out = trunk(torch.empty(1, 3, *input_size))
+        # Eval mode: in training mode BatchNorm refuses a 1x1 map of a single image.
+        out = trunk.eval()(torch.empty(1, 3, *input_size))
     return int(out.shape[2]), int(out.shape[3])

@@ -202,7 +202,8 @@ class BagWriter:
                 topic, msgtype, typestore=self.typestore)
         return self._connections[topic]
 
-    def _header(self, stamp_ns: int, frame_id: str) -> Any:
+    def header(self, stamp_ns: int, frame_id: str) -> Any:
+        """Return a std_msgs/Header in this bag's type store."""
         types = self.typestore.types
         stamp = types['builtin_interfaces/msg/Time'](sec=stamp_ns // 1_000_000_000,
                                                      nanosec=stamp_ns % 1_000_000_000)
@@ -223,7 +224,7 @@ class BagWriter:
         pixels = np.ascontiguousarray(pixels)
         height, width = pixels.shape[:2]
         message = self.typestore.types['sensor_msgs/msg/Image'](
-            header=self._header(stamp_ns, frame_id), height=height, width=width,
+            header=self.header(stamp_ns, frame_id), height=height, width=width,
             encoding=encoding, is_bigendian=0, step=pixels.nbytes // height,
             data=pixels.reshape(-1).view(np.uint8))
         self.write_message(topic, 'sensor_msgs/msg/Image',
@@ -234,7 +235,7 @@ class BagWriter:
         """Write a sensor_msgs/CompressedImage holding encoded bytes (JPEG, PNG)."""
         import numpy as np
         message = self.typestore.types['sensor_msgs/msg/CompressedImage'](
-            header=self._header(stamp_ns, frame_id), format=fmt,
+            header=self.header(stamp_ns, frame_id), format=fmt,
             data=np.frombuffer(data, dtype=np.uint8))
         self.write_message(topic, 'sensor_msgs/msg/CompressedImage',
                            stamp_ns if log_time_ns is None else log_time_ns, message)

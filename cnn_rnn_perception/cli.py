@@ -51,32 +51,48 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help='CPU threads for torch (default: 0, torch decides)')
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group('model (used without --checkpoint)')
-    group.add_argument('--backbone', default='resnet18',
+def _add_model_options(parser: argparse.ArgumentParser, *, title: str = 'model (used without '
+                       '--checkpoint)', defaults: bool = True) -> None:
+    """Add the ModelConfig flags; without defaults, unset flags stay None (YAML decides)."""
+    group = parser.add_argument_group(title)
+
+    def default(value):
+        return value if defaults else None
+    group.add_argument('--backbone', default=default('resnet18'),
                        help='resnet18, resnet34, resnet50, mobilenet_v3_small, '
                             'mobilenet_v3_large, efficientnet_b0 or vgg16 (default: resnet18)')
-    group.add_argument('--sequence', default='spatial', choices=('spatial', 'rows', 'columns'),
+    group.add_argument('--sequence', default=default('spatial'),
+                       choices=('spatial', 'rows', 'columns'),
                        help='how the feature map becomes a sequence (default: spatial)')
-    group.add_argument('--strip', type=int, default=1,
+    group.add_argument('--strip', type=int, default=default(1),
                        help='feature-map rows or columns per timestep (default: 1)')
-    group.add_argument('--rnn', default='lstm', choices=('lstm', 'gru'))
-    group.add_argument('--hidden-size', type=int, default=256)
-    group.add_argument('--bidirectional', action='store_true')
-    group.add_argument('--pooling', default='last', choices=('last', 'mean', 'max', 'attention'))
-    group.add_argument('--input-size', type=_size, default=(224, 224), metavar='HxW',
+    group.add_argument('--rnn', default=default('lstm'), choices=('lstm', 'gru'))
+    group.add_argument('--hidden-size', type=int, default=default(256))
+    group.add_argument('--num-layers', type=int, default=default(1))
+    group.add_argument('--bidirectional', action='store_true', default=default(False))
+    group.add_argument('--dropout', type=float, default=default(0.0))
+    group.add_argument('--pooling', default=default('last'),
+                       choices=('last', 'mean', 'max', 'attention'))
+    group.add_argument('--input-size', type=_size, default=default((224, 224)), metavar='HxW',
                        help='model input height x width (default: 224x224)')
 
 
 def _model_config(args: argparse.Namespace, num_classes: int):
     from cnn_rnn_perception.model import ModelConfig
-    return ModelConfig(num_classes=num_classes, backbone=args.backbone, sequence=args.sequence,
-                       strip=args.strip, rnn=args.rnn, hidden_size=args.hidden_size,
-                       bidirectional=args.bidirectional, pooling=args.pooling,
-                       input_size=args.input_size)
+    return ModelConfig(num_classes=num_classes, **_model_flags(args))
 
 
-def _demo(args: argparse.Namespace) -> int:
+MODEL_FLAGS = ('backbone', 'sequence', 'strip', 'rnn', 'hidden_size', 'num_layers',
+               'bidirectional', 'dropout', 'pooling', 'input_size')
+
+
+def _model_flags(args: argparse.Namespace) -> dict:
+    """Return the model flags that were given (all of them where they have defaults)."""
+    return {name: getattr(args, name) for name in MODEL_FLAGS
+            if getattr(args, name, None) is not None}
+
+
+def _classify(args: argparse.Namespace) -> int:
     from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
     from cnn_rnn_perception.synthetic import camera_frames, NAVIGATION_LABELS
     import numpy as np
@@ -237,6 +253,98 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_FLAGS = ('epochs', 'batch_size', 'optimizer', 'lr', 'weight_decay', 'schedule', 'seed',
+               'workers', 'val_split', 'augment', 'hflip', 'freeze_trunk', 'device')
+
+
+def _train_settings(args: argparse.Namespace):
+    """Build TrainSettings from --config YAML, then the flags given on top of it."""
+    import dataclasses
+
+    from cnn_rnn_perception.model import ModelConfig
+    from cnn_rnn_perception.train import TrainSettings
+    import yaml
+
+    values: dict = {}
+    if args.config:
+        with open(args.config) as handle:
+            values = yaml.safe_load(handle) or {}
+        known = {f.name for f in dataclasses.fields(TrainSettings)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f'{args.config}: unknown keys {unknown}; known: {sorted(known)}')
+    model = {**values.pop('model', {}), **_model_flags(args)}
+    if args.trunk_weights:
+        model['trunk_weights'] = args.trunk_weights
+    values.update({name: getattr(args, name) for name in TRAIN_FLAGS
+                   if getattr(args, name) is not None})
+    return TrainSettings(model=ModelConfig(**{'num_classes': 1, **model}), **values)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cnn_rnn_perception.train import bag_samples, image_folder_samples, train
+
+    settings = _train_settings(args)
+    if args.bags:
+        if not args.label_topic:
+            raise ValueError('training from bags needs --label-topic')
+        classes, train_set, val_set, skipped = bag_samples(
+            args.bags, args.label_topic, settings.model.input_size, settings.val_split,
+            settings.seed)
+    elif args.data:
+        classes, train_set, val_set, skipped = image_folder_samples(
+            args.data, settings.val_split, settings.seed)
+    else:
+        raise ValueError('give an image folder (DATA) or --bags with --label-topic')
+    if skipped:
+        print(f'skipped {len(skipped)} unreadable images or frames, e.g. {skipped[0]}')
+    print(f'{len(train_set.items)} training and {len(val_set.items)} validation images, '
+          f'classes: {", ".join(classes)}')
+    result = train(settings, classes=classes, train_samples=train_set, val_samples=val_set,
+                   output=args.output, resume=args.resume, progress=not args.no_progress)
+    print(f'best validation accuracy {result["best_val_accuracy"]:.4f}; checkpoints, '
+          f'metrics.csv and curves.png in {result["output"]}')
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from cnn_rnn_perception.synth import write_image_folder, write_recording
+
+    width, height = args.size
+    root = write_image_folder(f'{args.output}/images', train_per_class=args.train_per_class,
+                              val_per_class=args.val_per_class, seed=args.seed,
+                              height=height, width=width, progress=not args.no_progress)
+    print(f'wrote {root}/train and {root}/val')
+    for index in range(args.recordings):
+        path = write_recording(f'{args.output}/recording_{index}', scenes=args.scenes,
+                               rate_hz=args.rate, seed=args.seed + 7919 * (index + 1),
+                               height=height, width=width, storage=args.storage,
+                               progress=not args.no_progress)
+        print(f'wrote {path}')
+    return 0
+
+
+def _bench_order(args: argparse.Namespace) -> int:
+    from cnn_rnn_perception.bench import render_table
+    from cnn_rnn_perception.proof import run_digit_benchmark
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_digit_benchmark(train_pairs=args.train_pairs, test_pairs=args.test_pairs,
+                               epochs=args.epochs, seed=args.seed)
+    names = {'gap': 'global average pooling', 'columns': 'columns + bidirectional LSTM',
+             'shuffled': 'columns shuffled per sample (control)'}
+    print('\n'.join(render_table(
+        ('head', 'train accuracy', 'test accuracy', 'seconds'),
+        [(names[r.head], f'{r.train_accuracy:.3f}', f'{r.test_accuracy:.3f}',
+          f'{r.seconds:.0f}') for r in rows])))
+    print(f'\ntwo handwritten digits side by side, label: is the left one larger; '
+          f'{args.train_pairs} training pairs, {args.test_pairs} test pairs of unseen '
+          'handwriting; chance is 0.5')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -248,18 +356,33 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     demo = commands.add_parser(
-        'demo', help='classify a few generated camera frames and print labels and timings',
+        'demo', help='the whole product: train on synthetic scenes, run the node, replay a bag',
+        description='Draw synthetic navigation scenes, train a model on them (both cached), '
+                    'start perception_node as its own process, replay a held-out recording '
+                    'into it while printing its results, and end with the accuracy against '
+                    "the recording's labels, the latency and the frame accounting. Exit code "
+                    '1 when accuracy is below 90%.')
+    demo.add_argument('--cache', default='.cache/demo',
+                      help='where data, model and logs are kept (default: .cache/demo)')
+    demo.add_argument('--retrain', action='store_true', help='train again, ignoring the cache')
+    demo.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    demo.set_defaults(handler=lambda args: __import__(
+        'cnn_rnn_perception.demo', fromlist=['run_demo']).run_demo(
+            args.cache, device=args.device, retrain=args.retrain))
+
+    classify = commands.add_parser(
+        'classify', help='classify a few generated camera frames and print labels and timings',
         description='Build a model (or load --checkpoint), classify generated camera frames '
                     'one at a time, and print each label with the time each stage took.')
-    demo.add_argument('--checkpoint', help='a checkpoint written by this package')
-    demo.add_argument('--frames', type=int, default=8, help='how many frames (default: 8)')
-    demo.add_argument('--frame-size', type=_size, default=(640, 480), metavar='WxH',
-                      help='camera frame width x height (default: 640x480)')
-    demo.add_argument('--compile', action='store_true',
-                      help='torch.compile the trunk: faster frames, slower start')
-    _add_engine_options(demo)
-    _add_model_options(demo)
-    demo.set_defaults(handler=_demo)
+    classify.add_argument('--checkpoint', help='a checkpoint written by this package')
+    classify.add_argument('--frames', type=int, default=8, help='how many frames (default: 8)')
+    classify.add_argument('--frame-size', type=_size, default=(640, 480), metavar='WxH',
+                          help='camera frame width x height (default: 640x480)')
+    classify.add_argument('--compile', action='store_true',
+                          help='torch.compile the trunk: faster frames, slower start')
+    _add_engine_options(classify)
+    _add_model_options(classify)
+    classify.set_defaults(handler=_classify)
 
     bench = commands.add_parser(
         'bench', help="time the engine against the seed's way of running the model",
@@ -364,6 +487,73 @@ def build_parser() -> argparse.ArgumentParser:
                         help='seconds to wait for subscribers (default: 30)')
     replay.add_argument('--no-progress', action='store_true', help='no progress bar')
     replay.set_defaults(handler=_replay)
+
+    trainer = commands.add_parser(
+        'train', help='train a scene model from an image folder or labelled bags',
+        description='Train on DATA (DATA/train/CLASS/*.png and DATA/val/CLASS/*.png, or '
+                    'DATA/CLASS/*.png split by --val-split) or on --bags with a --label-topic. '
+                    'Writes best.pt and last.pt (checkpoints the node loads), metrics.csv and '
+                    'curves.png to --output. Several processes: torchrun --nproc_per_node N '
+                    '$(which cnn_rnn_perception) train ...')
+    trainer.add_argument('data', nargs='?', help='an ImageFolder-style directory')
+    trainer.add_argument('--bags', nargs='+', metavar='BAG', help='train on recorded bags')
+    trainer.add_argument('--label-topic', help='std_msgs/String label topic of --bags')
+    trainer.add_argument('--config', metavar='FILE.yaml', help='settings file; flags override')
+    trainer.add_argument('--output', default='runs/train', help='(default: runs/train)')
+    trainer.add_argument('--resume', action='store_true', help='continue from OUTPUT/last.pt')
+    trainer.add_argument('--epochs', type=int)
+    trainer.add_argument('--batch-size', type=int, help='global batch size (default: 32)')
+    trainer.add_argument('--optimizer', choices=('adamw', 'sgd'))
+    trainer.add_argument('--lr', type=float, help='learning rate (default: 1e-3)')
+    trainer.add_argument('--weight-decay', type=float)
+    trainer.add_argument('--schedule', choices=('cosine', 'step', 'constant'))
+    trainer.add_argument('--seed', type=int)
+    trainer.add_argument('--workers', type=int, help='DataLoader workers (default: 2)')
+    trainer.add_argument('--val-split', type=float,
+                         help='validation fraction without a val/ folder (default: 0.2)')
+    trainer.add_argument('--no-augment', dest='augment', action='store_const', const=False,
+                         help='no colour jitter, blur, crops or tilts')
+    trainer.add_argument('--hflip', action='store_const', const=True,
+                         help='also flip horizontally: only for labels that do not name a '
+                              'side (refused for left/right labels)')
+    trainer.add_argument('--freeze-trunk', action='store_const', const=True,
+                         help='train only the recurrent part and head')
+    trainer.add_argument('--trunk-weights', help='local torchvision weights file for the trunk')
+    trainer.add_argument('--device', help='auto, cpu, cuda or cuda:N (default: auto)')
+    trainer.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_model_options(trainer, title='model (flags override --config)', defaults=False)
+    trainer.set_defaults(handler=_train)
+
+    synth = commands.add_parser(
+        'synth', help='draw synthetic navigation scenes as images and bags',
+        description='Write OUTPUT/images/{train,val}/CLASS/*.png and OUTPUT/recording_N '
+                    '(rosbag2: /camera/image_raw, /camera/camera_info and /scene_label) for '
+                    'the classes corridor, open_space, doorway_left, doorway_right, junction '
+                    'and blocked. Deterministic by --seed.')
+    synth.add_argument('output')
+    synth.add_argument('--train-per-class', type=int, default=200)
+    synth.add_argument('--val-per-class', type=int, default=40)
+    synth.add_argument('--recordings', type=int, default=1)
+    synth.add_argument('--scenes', type=int, default=12, help='scenes per recording')
+    synth.add_argument('--rate', type=float, default=15.0, help='recording frame rate (Hz)')
+    synth.add_argument('--size', type=_size, default=(320, 240), metavar='WxH')
+    synth.add_argument('--storage', choices=('sqlite3', 'mcap'), default='sqlite3')
+    synth.add_argument('--seed', type=int, default=0)
+    synth.add_argument('--no-progress', action='store_true')
+    synth.set_defaults(handler=_synth)
+
+    order = commands.add_parser(
+        'bench-order', help='show that the recurrent head sees order where pooling cannot',
+        description="Two handwritten digits (scikit-learn's bundled 8x8 digits) side by side; "
+                    'the label is whether the left one is larger. The same trunk is trained '
+                    'with global average pooling, with the columns sequence and a '
+                    'bidirectional LSTM, and with the columns shuffled per sample.')
+    order.add_argument('--train-pairs', type=int, default=3000)
+    order.add_argument('--test-pairs', type=int, default=1000)
+    order.add_argument('--epochs', type=int, default=6)
+    order.add_argument('--seed', type=int, default=0)
+    order.add_argument('--threads', type=int, default=0)
+    order.set_defaults(handler=_bench_order)
     return parser
 
 

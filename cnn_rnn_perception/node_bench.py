@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 from typing import Sequence
 
 from cnn_rnn_perception.bench import render_table
-from cnn_rnn_perception.ros_env import BackgroundNode, use_loopback_dds
+from cnn_rnn_perception.ros_env import BackgroundNode, stop_process, use_loopback_dds
 from cnn_rnn_perception.synthetic import camera_frame
 import numpy as np
 import psutil
@@ -125,12 +124,7 @@ def measure(cameras: int, rate_hz: float, *, duration_s: float, warmup_s: float,
             records = list(probe.records)
     finally:
         probe.close()
-        if node.poll() is None:
-            node.send_signal(signal.SIGINT)
-            try:
-                node.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                node.kill()
+        stop_process(node)
         log.close()
     sent = int(duration_s * rate_hz) * cameras
     e2e = [record[1] for record in records]

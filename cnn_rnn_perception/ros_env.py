@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
 import sys
 import threading
 
@@ -64,3 +66,15 @@ class BackgroundNode:
         self._thread.join(timeout=5)
         self.node.destroy_node()
         self._rclpy.shutdown(context=self.context)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 20.0) -> int:
+    """Stop a node process as Ctrl-C would (SIGINT), killing it if it does not exit in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-import signal
 import subprocess
 import sys
 import threading
 import time
 from typing import Any, Callable
 
-from cnn_rnn_perception.ros_env import BackgroundNode
+from cnn_rnn_perception.ros_env import BackgroundNode, stop_process
 import cv2
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -60,15 +59,9 @@ class NodeProcess:
         return self.log_path.read_text()
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        returncode = stop_process(self.process)
         self._log.close()
-        return self.process.returncode
+        return returncode
 
 
 class Harness:

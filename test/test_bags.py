@@ -52,7 +52,7 @@ def write_scene_bag(path: Path, storage: str = 'sqlite3', bad_frame: bool = True
                 bag.write_compressed('/rear/image_raw/compressed', jpeg, 'jpeg', stamp + 1, 'rear')
         if bad_frame:
             bad = bag.typestore.types['sensor_msgs/msg/Image'](
-                header=bag._header(12 * SECOND, 'front'), height=120, width=160,
+                header=bag.header(12 * SECOND, 'front'), height=120, width=160,
                 encoding='rgb8', is_bigendian=0, step=480, data=np.zeros(100, np.uint8))
             bag.write_message('/front/image_raw', 'sensor_msgs/msg/Image', 12 * SECOND, bad)
     return path

@@ -19,15 +19,16 @@ def run(*args, timeout=300):
 def test_help_explains_every_subcommand():
     result = run('--help')
     assert result.returncode == 0
-    for command in ('demo', 'bench'):
+    for command in ('demo', 'classify', 'bench', 'bench-node', 'evaluate', 'replay', 'train',
+                    'synth'):
         assert command in result.stdout
     bench = run('bench', '--help')
     assert '--batch-sizes' in bench.stdout and 'seed' in bench.stdout
 
 
 @pytest.mark.slow
-def test_demo_prints_a_label_and_timings_per_frame():
-    result = run('demo', '--frames', '3', '--input-size', '96x128', '--hidden-size', '32')
+def test_classify_prints_a_label_and_timings_per_frame():
+    result = run('classify', '--frames', '3', '--input-size', '96x128', '--hidden-size', '32')
     assert result.returncode == 0, result.stderr
     frame_lines = [line for line in result.stdout.splitlines() if line.startswith('frame ')]
     assert len(frame_lines) == 3
@@ -51,7 +52,7 @@ def test_bench_prints_seed_and_engine_rows_and_writes_json(tmp_path):
 
 
 def test_user_mistakes_are_one_line_errors_not_tracebacks():
-    missing = run('demo', '--checkpoint', '/nonexistent/model.pt')
+    missing = run('classify', '--checkpoint', '/nonexistent/model.pt')
     assert missing.returncode == 2
     assert 'checkpoint not found' in missing.stderr and 'Traceback' not in missing.stderr
     bad_size = run('bench', '--input-size', 'big')

@@ -271,3 +271,10 @@ def test_missing_unreadable_or_foreign_checkpoint_is_a_clear_error(tmp_path):
 def test_save_rejects_labels_that_do_not_match_the_classes(tmp_path):
     with pytest.raises(ValueError, match='3 labels for a model with 4 classes'):
         save_checkpoint(tmp_path / 'model.pt', small_model(), labels=['a', 'b', 'c'])
+
+
+def test_small_inputs_with_a_one_by_one_feature_map_are_valid():
+    config = ModelConfig(input_size=(32, 32), hidden_size=8)
+    assert config.feature_map == (1, 1)
+    model = CnnRnnClassifier(config).train()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 6)

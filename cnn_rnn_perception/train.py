@@ -1,0 +1,455 @@
+"""
+Training: ImageFolder directories or labelled bags in, checkpoints the node loads out.
+
+Frames go through the same resize, colour and normalisation code as inference, so a model is
+trained on exactly what the engine will feed it. One process, or several through ``torchrun``
+(DistributedDataParallel; gloo on CPUs, NCCL on GPUs): ``batch_size`` is the global batch, and
+every process takes its share of each step's samples from one shared, seeded permutation, so N
+processes see the same batches as one.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass, field, replace
+import logging
+import os
+from pathlib import Path
+import time
+from typing import Any, Sequence
+
+from cnn_rnn_perception.bags import BagError, BagFrame, BagSource
+from cnn_rnn_perception.image_conversion import ImageRejected, message_to_frame
+from cnn_rnn_perception.model import (
+    CnnRnnClassifier, load_checkpoint, ModelConfig, Preprocessing, save_checkpoint)
+from cnn_rnn_perception.preprocess import (
+    normalisation, normalise_uint8_batch, resize_frame, to_model_colors)
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+_LOG = logging.getLogger(__name__)
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+SIDE_WORDS = ('left', 'right')
+
+
+@dataclass
+class TrainSettings:
+    """How to train; every field is a command-line flag and a YAML key."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = 'adamw'
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = 'cosine'
+    seed: int = 0
+    workers: int = 2
+    val_split: float = 0.2
+    augment: bool = True
+    hflip: bool = False
+    freeze_trunk: bool = False
+    device: str = 'auto'
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ('adamw', 'sgd'):
+            raise ValueError(f'optimizer must be adamw or sgd; got {self.optimizer!r}')
+        if self.schedule not in ('cosine', 'step', 'constant'):
+            raise ValueError(f'schedule must be cosine, step or constant; got {self.schedule!r}')
+        for name in ('epochs', 'batch_size'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name} must be >= 1; got {getattr(self, name)}')
+        if not 0.0 < self.val_split < 1.0:
+            raise ValueError(f'val_split must be between 0 and 1; got {self.val_split}')
+
+
+def check_hflip(enabled: bool, labels: Sequence[str]) -> None:
+    """Refuse horizontal flips for labels that name a side: a flip would make them lie."""
+    sided = [label for label in labels if any(word in label.lower() for word in SIDE_WORDS)]
+    if enabled and sided:
+        raise ValueError(f'horizontal flip would swap the meaning of {", ".join(sided)}; '
+                         'leave --hflip off for left/right-sensitive labels')
+
+
+# -- data --------------------------------------------------------------------------------------
+
+@dataclass
+class Samples:
+    """Images (paths or decoded frames) with class indices."""
+
+    items: list[Any]
+    targets: list[int]
+
+
+def _class_folders(root: Path) -> list[str]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    if not classes:
+        raise ValueError(f'{root}: no class folders; expected {root}/CLASS/image.png')
+    return classes
+
+
+def _scan(root: Path, classes: Sequence[str], skipped: list[str]) -> Samples:
+    items, targets = [], []
+    for index, label in enumerate(classes):
+        folder = root / label
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
+            if folder.is_dir() else []
+        readable = []
+        for path in files:
+            # A cheap reduced decode finds truncated and non-image files before training.
+            if cv2.imread(str(path), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
+                skipped.append(str(path))
+            else:
+                readable.append(path)
+        if not readable:
+            raise ValueError(f'class folder {folder} has no readable images: add some, or '
+                             'remove the folder')
+        items += readable
+        targets += [index] * len(readable)
+    return Samples(items, targets)
+
+
+def _split(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
+    order = np.random.default_rng(seed).permutation(len(samples.items))
+    cut = int(round(len(order) * (1 - fraction)))
+    pick = lambda indices: Samples([samples.items[i] for i in indices],  # noqa: E731
+                                   [samples.targets[i] for i in indices])
+    return pick(order[:cut]), pick(order[cut:])
+
+
+def image_folder_samples(root: str | Path, val_split: float, seed: int
+                         ) -> tuple[list[str], Samples, Samples, list[str]]:
+    """
+    Read ``root/train/CLASS`` and ``root/val/CLASS``, or ``root/CLASS`` split by ``val_split``.
+
+    Returns (classes, train, val, skipped unreadable files).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f'data folder not found: {str(root)!r}')
+    skipped: list[str] = []
+    if (root / 'train').is_dir():
+        classes = _class_folders(root / 'train')
+        train = _scan(root / 'train', classes, skipped)
+        if (root / 'val').is_dir():
+            missing = [c for c in classes if not any((root / 'val' / c).glob('*'))]
+            if missing:
+                raise ValueError(f'{root}/val has no images of {", ".join(missing)}: every '
+                                 'class needs validation images (or remove val/ to split '
+                                 'train/ by --val-split)')
+            val = _scan(root / 'val', classes, skipped)
+        else:
+            train, val = _split(train, val_split, seed)
+    else:
+        classes = _class_folders(root)
+        train, val = _split(_scan(root, classes, skipped), val_split, seed)
+    return classes, train, val, skipped
+
+
+def bag_samples(paths: Sequence[str], label_topic: str, input_size: tuple[int, int],
+                val_split: float, seed: int, topics: Sequence[str] | None = None
+                ) -> tuple[list[str], Samples, Samples, list[str]]:
+    """Decode every labelled frame of the bags (resized, to keep memory small)."""
+    frames, labels, skipped = [], [], []
+    for path in paths:
+        with BagSource(path) as bag:
+            truth = bag.labels(label_topic)
+            for item in bag.frames(bag.image_topics(topics), truth):
+                if isinstance(item, BagError) or item.label is None:
+                    skipped.append(str(item) if isinstance(item, BagError)
+                                   else f'{path} {item.topic}: frame before the first label')
+                    continue
+                assert isinstance(item, BagFrame)
+                try:
+                    frame, order = message_to_frame(item.message)
+                except ImageRejected as error:
+                    skipped.append(f'{path} {item.topic}: {error}')
+                    continue
+                frames.append(to_model_colors(resize_frame(frame, input_size), order, 'rgb'))
+                labels.append(item.label)
+    if not frames:
+        raise ValueError(f'no labelled frames in {", ".join(map(str, paths))} (label topic '
+                         f'{label_topic})')
+    classes = sorted(set(labels))
+    samples = Samples(frames, [classes.index(label) for label in labels])
+    train, val = _split(samples, val_split, seed)
+    return classes, train, val, skipped
+
+
+class FrameDataset(Dataset):
+    """Samples as uint8 RGB HxWx3 tensors at the model's input size, optionally augmented."""
+
+    def __init__(self, samples: Samples, input_size: tuple[int, int], *, augment: bool,
+                 hflip: bool, seed: int) -> None:
+        self.samples = samples
+        self.input_size = input_size
+        self.augment = augment
+        self.hflip = hflip
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.samples.items[index]
+        if isinstance(item, Path):
+            frame = to_model_colors(cv2.imread(str(item), cv2.IMREAD_COLOR), 'bgr', 'rgb')
+        else:
+            frame = item
+        if self.augment:
+            # Seeded by sample and epoch: the same run gives the same images, in any process.
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            frame = augment(frame, rng, self.hflip)
+        frame = resize_frame(frame, self.input_size)
+        return torch.from_numpy(np.ascontiguousarray(frame)), self.samples.targets[index]
+
+
+def augment(frame: np.ndarray, rng: np.random.Generator, hflip: bool) -> np.ndarray:
+    """Camera-like changes: colour jitter, blur, small crops and tilts, optional flip."""
+    height, width = frame.shape[:2]
+    hsv = cv2.cvtColor(frame, cv2.COLOR_RGB2HSV).astype(np.float32)
+    hsv[..., 1] *= rng.uniform(0.7, 1.3)
+    hsv[..., 2] = hsv[..., 2] * rng.uniform(0.7, 1.3) + rng.uniform(-20, 20)
+    frame = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB)
+    if rng.random() < 0.3:
+        frame = cv2.GaussianBlur(frame, (5, 5), 0)
+    scale = rng.uniform(0.85, 1.0)
+    crop_h, crop_w = int(height * scale), int(width * scale)
+    top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+    frame = frame[top:top + crop_h, left:left + crop_w]
+    tilt = cv2.getRotationMatrix2D((crop_w / 2, crop_h / 2), rng.uniform(-5, 5), 1.0)
+    frame = cv2.warpAffine(frame, tilt, (crop_w, crop_h), borderMode=cv2.BORDER_REFLECT)
+    if hflip and rng.random() < 0.5:
+        frame = frame[:, ::-1]
+    return frame
+
+
+# -- distributed -------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    """This process's place among the training processes (world of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_distributed(device: torch.device) -> Distributed:
+    """Join the process group when started by torchrun; on loopback for CPU (gloo) runs."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return Distributed()
+    import torch.distributed as dist
+    backend = 'nccl' if device.type == 'cuda' else 'gloo'
+    dist.init_process_group(backend)
+    return Distributed(rank=dist.get_rank(), world=world)
+
+
+def _mean_across(value: float, distributed: Distributed) -> float:
+    if distributed.world == 1:
+        return value
+    import torch.distributed as dist
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item() / distributed.world)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+def _optimizer(settings: TrainSettings, parameters) -> torch.optim.Optimizer:
+    if settings.optimizer == 'sgd':
+        return torch.optim.SGD(parameters, lr=settings.lr, momentum=0.9,
+                               weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _schedule(settings: TrainSettings, optimizer: torch.optim.Optimizer):
+    if settings.schedule == 'cosine':
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    if settings.schedule == 'step':
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(settings.epochs // 3, 1),
+                                               gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def plot_history(history: list[dict[str, float]], path: str | Path) -> None:
+    """Draw loss and accuracy per epoch, train and validation, to a PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot
+    epochs = [row['epoch'] for row in history]
+    figure, (loss_axes, accuracy_axes) = pyplot.subplots(1, 2, figsize=(10, 4))
+    for split in ('train', 'val'):
+        loss_axes.plot(epochs, [row[f'{split}_loss'] for row in history], 'o-', label=split)
+        accuracy_axes.plot(epochs, [row[f'{split}_accuracy'] for row in history], 'o-',
+                           label=split)
+    loss_axes.set(xlabel='epoch', ylabel='loss', title='loss')
+    accuracy_axes.set(xlabel='epoch', ylabel='accuracy', title='accuracy', ylim=(0, 1.02))
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+def _resume_state(path: Path, config: ModelConfig, classes: list[str]) -> dict[str, Any]:
+    checkpoint = load_checkpoint(path)
+    if checkpoint.config != config:
+        differing = [f'{key} {value!r} (this run: {getattr(config, key)!r})'
+                     for key, value in checkpoint.config.to_dict().items()
+                     if config.to_dict()[key] != value]
+        raise ValueError(f'--resume: {path} holds a different model: {", ".join(differing)}; '
+                         'match the model options or start a new --output folder')
+    if checkpoint.labels != classes:
+        raise ValueError(f'--resume: {path} was trained on classes {checkpoint.labels}, this '
+                         f'data has {classes}')
+    return {'model': checkpoint.model.state_dict(), **checkpoint.extra}
+
+
+def train(settings: TrainSettings, *, classes: list[str], train_samples: Samples,
+          val_samples: Samples, output: str | Path, resume: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Train and write best.pt, last.pt, metrics.csv and curves.png; return the history."""
+    from cnn_rnn_perception.engine import resolve_device
+
+    check_hflip(settings.hflip, classes)
+    config = replace(settings.model, num_classes=len(classes))
+    device = resolve_device(settings.device)
+    distributed = start_distributed(device)
+    if distributed.world > 1 and settings.batch_size % distributed.world:
+        raise ValueError(f'batch_size {settings.batch_size} must divide among '
+                         f'{distributed.world} processes')
+    output = Path(output)
+    if distributed.main:
+        output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    model = CnnRnnClassifier(config).to(device, memory_format=torch.channels_last)
+    if settings.freeze_trunk:
+        model.trunk.requires_grad_(False)
+    optimizer = _optimizer(settings, [p for p in model.parameters() if p.requires_grad])
+    scheduler = _schedule(settings, optimizer)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume:
+        state = _resume_state(output / 'last.pt', config, classes)
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        history = list(state['history'])
+        start_epoch = int(state['epoch'])
+    wrapped = model
+    if distributed.world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    preprocessing = Preprocessing.for_config(config)
+    offset, scale = normalisation(preprocessing, device)
+    train_set = FrameDataset(train_samples, config.input_size, augment=settings.augment,
+                             hflip=settings.hflip, seed=settings.seed)
+    val_set = FrameDataset(val_samples, config.input_size, augment=False, hflip=False,
+                           seed=settings.seed)
+    sampler = DistributedSampler(train_set, num_replicas=distributed.world,
+                                 rank=distributed.rank, shuffle=True, seed=settings.seed,
+                                 drop_last=True)
+    per_process = settings.batch_size // distributed.world
+    loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, drop_last=True,
+                        num_workers=settings.workers, persistent_workers=settings.workers > 0)
+    val_loader = DataLoader(val_set, batch_size=settings.batch_size,
+                            num_workers=settings.workers)
+    if len(loader) == 0:
+        raise ValueError(f'{len(train_set)} training images make no full batch of '
+                         f'{settings.batch_size}; lower --batch-size')
+    use_amp = device.type == 'cuda'
+    best = max((row['val_accuracy'] for row in history), default=-1.0)
+
+    def inputs(batch: torch.Tensor) -> torch.Tensor:
+        return normalise_uint8_batch(batch.to(device, non_blocking=True), offset, scale)
+
+    for epoch in range(start_epoch, settings.epochs):
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        train_set.epoch = epoch
+        wrapped.train()
+        if settings.freeze_trunk:
+            model.trunk.eval()  # frozen BatchNorm statistics too
+        losses, correct, seen = [], 0, 0
+        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{settings.epochs}', leave=False,
+                   disable=not (progress and distributed.main))
+        for images, targets in bar:
+            targets = targets.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = wrapped(inputs(images))
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            correct += int((logits.argmax(1) == targets).sum())
+            seen += len(targets)
+            bar.set_postfix(loss=f'{np.mean(losses):.3f}')
+        scheduler.step()
+        train_loss = _mean_across(float(np.mean(losses)), distributed)
+        train_accuracy = _mean_across(correct / seen, distributed)
+        val_loss, val_accuracy = _validate(model, val_loader, inputs, device, use_amp)
+        row = {'epoch': epoch + 1, 'train_loss': train_loss, 'train_accuracy': train_accuracy,
+               'val_loss': val_loss, 'val_accuracy': val_accuracy,
+               'lr': optimizer.param_groups[0]['lr'],
+               'seconds': time.perf_counter() - started}
+        history.append(row)
+        if distributed.main:
+            _LOG.info('epoch %d: %s', epoch + 1, row)
+            print(f'epoch {epoch + 1:>3}/{settings.epochs}  train loss {train_loss:.4f} '
+                  f'acc {train_accuracy:.3f}  val loss {val_loss:.4f} acc {val_accuracy:.3f}  '
+                  f'{row["seconds"]:.1f} s', flush=True)
+            labels_info = {'labels': classes, 'preprocessing': preprocessing}
+            save_checkpoint(output / 'last.pt', model, **labels_info, extra={
+                'epoch': epoch + 1, 'history': history, 'optimizer': optimizer.state_dict(),
+                'scheduler': scheduler.state_dict(), 'settings': _plain(settings)})
+            if val_accuracy > best:
+                best = val_accuracy
+                save_checkpoint(output / 'best.pt', model, **labels_info,
+                                extra={'epoch': epoch + 1, 'val_accuracy': val_accuracy})
+            _write_metrics(output / 'metrics.csv', history)
+            plot_history(history, output / 'curves.png')
+    if distributed.world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return {'history': history, 'best_val_accuracy': best, 'classes': classes,
+            'output': str(output)}
+
+
+def _validate(model, loader, inputs, device, use_amp) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    with torch.no_grad():
+        for images, targets in loader:
+            targets = targets.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(inputs(images)).float()
+            total_loss += float(torch.nn.functional.cross_entropy(
+                logits, targets, reduction='sum'))
+            correct += int((logits.argmax(1) == targets).sum())
+            seen += len(targets)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def _plain(settings: TrainSettings) -> dict[str, Any]:
+    data = asdict(settings)
+    data['model'] = settings.model.to_dict()
+    return data
+
+
+def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    with path.open('w', newline='') as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)

@@ -1,0 +1,140 @@
+"""Training: outputs a node can load, resume, bad input, bags, and DDP equivalence."""
+
+import csv
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+from cnn_rnn_perception.model import load_checkpoint, ModelConfig
+from cnn_rnn_perception.synth import write_image_folder, write_recording
+from cnn_rnn_perception.train import (
+    check_hflip, image_folder_samples, train, TrainSettings)
+import pytest
+import torch
+
+COMMAND = str(Path(sys.executable).with_name('cnn_rnn_perception'))
+TINY = ['--input-size', '32x32', '--hidden-size', '8', '--batch-size', '12', '--workers', '0',
+        '--no-progress']
+
+
+def run(*args, env=None, timeout=600):
+    return subprocess.run([COMMAND, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', **(env or {})})
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp('data') / 'images', train_per_class=4,
+                              val_per_class=2, height=32, width=32, progress=False)
+
+
+def tiny_settings(**overrides) -> TrainSettings:
+    values = {'model': ModelConfig(input_size=(32, 32), hidden_size=8), 'epochs': 2,
+              'batch_size': 12, 'workers': 0, 'device': 'cpu'}
+    return TrainSettings(**{**values, **overrides})
+
+
+@pytest.mark.slow
+def test_training_writes_checkpoints_metrics_and_curves_then_resumes(tmp_path, images):
+    result = run('train', str(images), '--output', str(tmp_path / 'run'), '--epochs', '2', *TINY)
+    assert result.returncode == 0, result.stderr
+    assert 'epoch   2/2' in result.stdout and 'best validation accuracy' in result.stdout
+    best = load_checkpoint(tmp_path / 'run' / 'best.pt')
+    assert best.labels == sorted(best.labels) and len(best.labels) == 6
+    assert best.config.input_size == (32, 32)
+    rows = list(csv.DictReader((tmp_path / 'run' / 'metrics.csv').open()))
+    assert [row['epoch'] for row in rows] == ['1', '2']
+    assert (tmp_path / 'run' / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+    resumed = run('train', str(images), '--output', str(tmp_path / 'run'), '--epochs', '3',
+                  '--resume', *TINY)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 'epoch   3/3' in resumed.stdout and 'epoch   1/3' not in resumed.stdout
+    assert len(list(csv.DictReader((tmp_path / 'run' / 'metrics.csv').open()))) == 3
+    other = run('train', str(images), '--output', str(tmp_path / 'run'), '--epochs', '4',
+                '--resume', *TINY, '--rnn', 'gru')
+    assert other.returncode == 2
+    assert "holds a different model: rnn 'lstm' (this run: 'gru')" in other.stderr
+
+
+def test_bad_training_data_is_named_without_a_traceback(tmp_path, images):
+    empty = tmp_path / 'empty'
+    (empty / 'corridor').mkdir(parents=True)
+    (empty / 'blocked').mkdir()
+    (empty / 'blocked' / 'a.png').write_bytes((images / 'train' / 'blocked').glob('*.png')
+                                              .__next__().read_bytes())
+    with pytest.raises(ValueError, match='class folder .*corridor has no readable images'):
+        image_folder_samples(empty, 0.2, 0)
+    no_val = tmp_path / 'no_val'
+    for label in ('corridor', 'blocked'):
+        (no_val / 'train' / label).mkdir(parents=True)
+        (no_val / 'val' / label).mkdir(parents=True)
+        for source in list((images / 'train' / label).glob('*.png')):
+            (no_val / 'train' / label / source.name).write_bytes(source.read_bytes())
+    (no_val / 'val' / 'corridor' / 'x.png').write_bytes(
+        next((images / 'val' / 'corridor').glob('*.png')).read_bytes())
+    with pytest.raises(ValueError, match='val has no images of blocked'):
+        image_folder_samples(no_val, 0.2, 0)
+    broken = no_val / 'train' / 'corridor' / 'broken.png'
+    broken.write_bytes(b'not a png')
+    (no_val / 'val' / 'blocked' / 'y.png').write_bytes(
+        next((images / 'val' / 'blocked').glob('*.png')).read_bytes())
+    classes, train_set, _, skipped = image_folder_samples(no_val, 0.2, 0)
+    assert skipped == [str(broken)] and len(train_set.items) == 8
+    with pytest.raises(ValueError, match='horizontal flip would swap the meaning of '
+                                         'doorway_left, doorway_right'):
+        check_hflip(True, ['corridor', 'doorway_left', 'doorway_right'])
+    check_hflip(True, ['corridor', 'blocked'])
+
+
+def test_training_from_a_labelled_bag(tmp_path):
+    bag = write_recording(tmp_path / 'drive', scenes=6, seconds_per_scene=0.5, rate_hz=12,
+                          height=48, width=64, progress=False)
+    result = run('train', '--bags', str(bag), '--label-topic', '/scene_label', '--output',
+                 str(tmp_path / 'run'), '--epochs', '1', *TINY)
+    assert result.returncode == 0, result.stderr
+    # 6 scenes x 0.5 s x 12 Hz = 36 labelled frames, split 80/20.
+    assert '29 training and 7 validation images' in result.stdout
+    assert len(load_checkpoint(tmp_path / 'run' / 'last.pt').labels) >= 2
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_the_same_model_as_one(tmp_path, images):
+    """Frozen trunk (BatchNorm statistics are per process otherwise), no augmentation."""
+    common = ['train', str(images), '--epochs', '2', '--no-augment', '--freeze-trunk',
+              '--seed', '5', '--lr', '0.01', *TINY]
+    single = run(*common, '--output', str(tmp_path / 'one'))
+    assert single.returncode == 0, single.stderr
+    loopback = {'MASTER_ADDR': '127.0.0.1', 'GLOO_SOCKET_IFNAME': 'lo', 'OMP_NUM_THREADS': '1'}
+    double = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr',
+         '127.0.0.1', '--master_port', str(29500 + os.getpid() % 1000), COMMAND, *common,
+         '--output', str(tmp_path / 'two')],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', **loopback})
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = list(csv.DictReader((tmp_path / 'one' / 'metrics.csv').open()))
+    two = list(csv.DictReader((tmp_path / 'two' / 'metrics.csv').open()))
+    for a, b in zip(one, two):
+        assert float(a['train_loss']) == pytest.approx(float(b['train_loss']), rel=1e-4)
+        assert float(a['val_loss']) == pytest.approx(float(b['val_loss']), rel=1e-4)
+    weights_one = load_checkpoint(tmp_path / 'one' / 'last.pt').model.state_dict()
+    weights_two = load_checkpoint(tmp_path / 'two' / 'last.pt').model.state_dict()
+    for name in ('rnn.weight_ih_l0', 'head.weight'):
+        torch.testing.assert_close(weights_one[name], weights_two[name], atol=1e-5, rtol=1e-4)
+
+
+def test_training_settings_are_validated():
+    with pytest.raises(ValueError, match='optimizer must be adamw or sgd'):
+        tiny_settings(optimizer='lion')
+    with pytest.raises(ValueError, match='val_split must be between 0 and 1'):
+        tiny_settings(val_split=1.5)
+
+
+def test_short_training_run_learns_the_synthetic_classes(tmp_path, images):
+    classes, train_set, val_set, _ = image_folder_samples(images, 0.2, 0)
+    result = train(tiny_settings(epochs=3, augment=False, lr=3e-3), classes=classes,
+                   train_samples=train_set, val_samples=val_set, output=tmp_path / 'run',
+                   progress=False)
+    history = result['history']
+    assert history[-1]['train_loss'] < history[0]['train_loss']
