@@ -1,0 +1,76 @@
+"""The demo command: summary, frame accounting, and clean-up on Ctrl-C."""
+
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+from cnn_rnn_perception.demo import CAMERA_TOPIC, LABEL_TOPIC
+from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, save_checkpoint
+from cnn_rnn_perception.synth import CLASSES, write_recording
+import psutil
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+COMMAND = str(Path(sys.executable).with_name('cnn_rnn_perception'))
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    """A cache the demo takes as already prepared: a tiny model and a short recording."""
+    data = tmp_path / 'data'
+    write_recording(data / 'held_out', scenes=3, seconds_per_scene=1.0, rate_hz=10, seed=3,
+                    height=48, width=64, topic=CAMERA_TOPIC, label_topic=LABEL_TOPIC,
+                    progress=False)
+    (data / 'complete').touch()
+    (tmp_path / 'model').mkdir()
+    torch.manual_seed(0)
+    model = CnnRnnClassifier(ModelConfig(input_size=(32, 32), hidden_size=8))
+    save_checkpoint(tmp_path / 'model' / 'best.pt', model, labels=list(CLASSES))
+    return tmp_path
+
+
+def perception_nodes() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(['cmdline'])
+            if any('perception_node' in part for part in (p.info['cmdline'] or []))]
+
+
+def test_demo_prints_results_accuracy_latency_and_balanced_accounting(cache):
+    result = subprocess.run([COMMAND, 'demo', '--cache', str(cache), '--device', 'cpu'],
+                            capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    # An untrained model: the demo runs through and reports, then fails the 90% bar.
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert 'synthetic scenes: cached' in out and 'model: cached' in out
+    assert 'truth' in out and 'accuracy on the held-out recording' in out
+    assert 'latency, frame in to result out of the node: p50' in out
+    assert 'frames: received 30 = classified' in out and '(balanced)' in out
+    assert not perception_nodes()
+
+
+def test_ctrl_c_stops_the_demo_and_every_process_it_started(cache):
+    demo = subprocess.Popen([COMMAND, 'demo', '--cache', str(cache), '--device', 'cpu'],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    try:
+        for line in demo.stdout:
+            if line.startswith('[3/4]'):
+                break
+        deadline = time.monotonic() + 60
+        while not perception_nodes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert perception_nodes(), 'the demo never started the node'
+        time.sleep(2)
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130
+    deadline = time.monotonic() + 20
+    while perception_nodes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not perception_nodes()
