@@ -35,6 +35,14 @@ class BagFrame:
     label: str | None = None
 
 
+@dataclass
+class BadMessage:
+    """A message in a bag that cannot be deserialized: counted and skipped, not fatal."""
+
+    topic: str
+    reason: str
+
+
 class Labels:
     """Labels over time: the label of a moment is the latest one at or before it."""
 
@@ -148,9 +156,9 @@ class BagSource:
         return Labels(times, labels)
 
     def frames(self, topics: Sequence[str], labels: Labels | None = None,
-               labels_by_stamp: bool = False) -> Iterator[BagFrame | BagError]:
+               labels_by_stamp: bool = False) -> Iterator[BagFrame | BadMessage]:
         """
-        Yield frames in recording order; a message that cannot be read yields a BagError.
+        Yield frames in recording order; a message that cannot be read yields a BadMessage.
 
         Labels match by recording time (a label topic, same clock as the frames) or, with
         ``labels_by_stamp``, by header stamp (a sidecar CSV of camera stamps).
@@ -163,16 +171,14 @@ class BagSource:
                     message = self.deserialize(raw, msgtype)
                     stamp, frame_id = _stamp_ns(message)
                 except Exception as error:  # a damaged message: counted, not fatal
-                    yield BagError(f'{self.path} {topic}: cannot deserialize message {count}: '
-                                   f'{error}')
+                    yield BadMessage(topic, f'{self.path} {topic}: cannot deserialize '
+                                            f'message {count}: {error}')
                     continue
                 label = None
                 if labels is not None:
                     label = labels.at(stamp if labels_by_stamp else log_time)
                 yield BagFrame(bag=str(self.path), topic=topic, log_time_ns=log_time,
                                stamp_ns=stamp, frame_id=frame_id, message=message, label=label)
-        except BagError:
-            raise
         except Exception as error:  # truncated storage fails mid-iteration
             raise BagError(f'{self.path}: unreadable after {count} messages ({error}); the bag '
                            'may be truncated') from None

@@ -24,7 +24,8 @@ import time
 from typing import Hashable, Sequence
 
 from cnn_rnn_perception.model import (
-    CnnRnnClassifier, load_checkpoint, ModelConfig, Preprocessing, RecurrentState)
+    CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing,
+    RecurrentState)
 from cnn_rnn_perception.postprocess import top_k as top_k_labels
 from cnn_rnn_perception.preprocess import (
     check_color_order, check_frame, frames_to_tensor_torch, frames_to_uint8_batch, normalisation)
@@ -235,7 +236,6 @@ class InferenceEngine:
                     settings: EngineSettings = EngineSettings(), seed: int = 0
                     ) -> InferenceEngine:
         """Build an untrained model (random or ``trunk_weights``) from a config."""
-        from cnn_rnn_perception.model import default_labels
         torch.manual_seed(seed)
         model = CnnRnnClassifier(config)
         return cls(model, labels=list(labels or default_labels(config.num_classes)),

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
-from cnn_rnn_perception.bags import BagError, BagFrame, BagSource, Labels
+from cnn_rnn_perception.bags import BadMessage, BagError, BagFrame, BagSource, Labels
 from cnn_rnn_perception.engine import InferenceEngine
 from cnn_rnn_perception.image_conversion import ImageRejected, message_to_frame
 import numpy as np
@@ -172,8 +172,8 @@ def _decode_bags(paths: Sequence[str], topics: Sequence[str] | None, label_topic
                 for item in bag.frames(selected, labels, labels_by_stamp=sidecar is not None):
                     if stop.is_set():
                         return
-                    if isinstance(item, BagError):
-                        bad.add(str(item).split(': cannot')[0], str(item))
+                    if isinstance(item, BadMessage):
+                        bad.add(item.topic, item.reason)
                         continue
                     try:
                         frame, order = message_to_frame(item.message)

@@ -18,6 +18,7 @@ from typing import Any, Hashable
 from cnn_rnn_perception.engine import EngineSettings, parse_device_name, PRECISIONS
 from cnn_rnn_perception.model import ModelConfig, POOLINGS, RNNS, SEQUENCES
 from cnn_rnn_perception.synthetic import NAVIGATION_LABELS
+import numpy as np
 RELIABILITIES = ('best_effort', 'reliable')
 
 
@@ -198,7 +199,6 @@ class CameraStats:
 
     def snapshot(self, silent_after_s: float) -> dict[str, Any]:
         """Return totals, rates since the last snapshot, latency percentiles and a level."""
-        import numpy as np
         with self._lock:
             now = time.monotonic()
             elapsed = max(now - self._window_start, 1e-6)

@@ -18,7 +18,7 @@ from pathlib import Path
 import time
 from typing import Any, Sequence
 
-from cnn_rnn_perception.bags import BagError, BagFrame, BagSource
+from cnn_rnn_perception.bags import BadMessage, BagSource
 from cnn_rnn_perception.image_conversion import ImageRejected, message_to_frame
 from cnn_rnn_perception.model import (
     CnnRnnClassifier, load_checkpoint, ModelConfig, Preprocessing, save_checkpoint)
@@ -159,11 +159,12 @@ def bag_samples(paths: Sequence[str], label_topic: str, input_size: tuple[int, i
         with BagSource(path) as bag:
             truth = bag.labels(label_topic)
             for item in bag.frames(bag.image_topics(topics), truth):
-                if isinstance(item, BagError) or item.label is None:
-                    skipped.append(str(item) if isinstance(item, BagError)
-                                   else f'{path} {item.topic}: frame before the first label')
+                if isinstance(item, BadMessage):
+                    skipped.append(item.reason)
                     continue
-                assert isinstance(item, BagFrame)
+                if item.label is None:
+                    skipped.append(f'{path} {item.topic}: frame before the first label')
+                    continue
                 try:
                     frame, order = message_to_frame(item.message)
                 except ImageRejected as error:

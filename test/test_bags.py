@@ -6,7 +6,7 @@ from pathlib import Path
 import subprocess
 import sys
 
-from cnn_rnn_perception.bags import BagError, BagSource, BagWriter, Labels
+from cnn_rnn_perception.bags import BadMessage, BagSource, BagWriter, Labels
 from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
 from cnn_rnn_perception.evaluate import evaluate_bags, score
 from cnn_rnn_perception.image_conversion import message_to_frame
@@ -72,8 +72,8 @@ def test_evaluate_gives_the_same_predictions_as_the_engine_frame_by_frame(
                            progress=False)
     predictions = result['predictions']
     with BagSource(bag_path) as bag:
-        frames = [item for item in bag.frames(bag.image_topics()) if not isinstance(
-            item, BagError)]
+        frames = [item for item in bag.frames(bag.image_topics())
+                  if not isinstance(item, BadMessage)]
     expected = []
     for record in frames:
         try:

@@ -20,7 +20,7 @@ COMMAND = str(Path(sys.executable).with_name('cnn_rnn_perception'))
 
 @pytest.fixture
 def cache(tmp_path) -> Path:
-    """A cache the demo takes as already prepared: a tiny model and a short recording."""
+    """Return a cache the demo takes as already prepared: a tiny model, a short recording."""
     data = tmp_path / 'data'
     write_recording(data / 'held_out', scenes=3, seconds_per_scene=1.0, rate_hz=10, seed=3,
                     height=48, width=64, topic=CAMERA_TOPIC, label_topic=LABEL_TOPIC,
