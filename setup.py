@@ -20,6 +20,8 @@ setup(
     # The ML stack only: ROS packages come from apt on a robot and from requirements.txt here.
     install_requires=['setuptools', 'numpy', 'opencv-python-headless', 'torch', 'torchvision',
                       'rosbags', 'rosbags-image', 'tqdm', 'pyyaml', 'psutil', 'matplotlib'],
+    # bench-order reads scikit-learn's bundled handwritten digits; the node never needs it.
+    extras_require={'bench': ['scikit-learn']},
     zip_safe=True,
     maintainer='cnn_rnn_perception maintainers',
     maintainer_email='maintainers@cnn-rnn-perception.invalid',
