@@ -82,7 +82,8 @@ def replay_bag(path: str, *, topics: Sequence[str] | None = None,
                remap: dict[str, str] | None = None, reliable: bool = False,
                scene_topic: str | None = None, lockstep: bool = False,
                record_path: str | Path | None = None, wait_subscribers_s: float = 30.0,
-               lockstep_timeout_s: float = 10.0, progress: bool = True) -> dict[str, Any]:
+               lockstep_timeout_s: float = 10.0, settle_s: float = 0.5,
+               progress: bool = True) -> dict[str, Any]:
     """
     Publish a bag's frames (and labels) with their recorded stamps; return what happened.
 
@@ -114,6 +115,10 @@ def replay_bag(path: str, *, topics: Sequence[str] | None = None,
                 raise BagError(f'no subscriber on {", ".join(remap.get(t, t) for t in missing)} '
                                f'after {wait_subscribers_s:g} s: is the node running, and on '
                                'the same ROS_DOMAIN_ID?')
+            # Discovery completes per direction: the publisher can see its subscriber before
+            # the subscriber has matched the publisher, and a volatile writer never resends
+            # what went out in between (the first frames). Let both sides settle.
+            time.sleep(settle_s)
             bar = tqdm(total=total * (1 if not loop else 0) or None, desc='replaying',
                        unit='msg', disable=not progress)
             while True:
