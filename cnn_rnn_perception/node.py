@@ -19,10 +19,9 @@ from typing import Any
 
 from cnn_rnn_perception.engine import InferenceEngine, precision_name
 from cnn_rnn_perception.image_conversion import ImageRejected, message_to_frame
-from cnn_rnn_perception.model import default_labels
 from cnn_rnn_perception.node_config import (
-    CameraStats, engine_settings, LatestFrames, model_config, needs_reload, PARAMETERS,
-    ParameterSpec, RELOAD_HINT, SPECS, validate)
+    CameraStats, choose_labels, engine_settings, LatestFrames, model_config, needs_reload,
+    PARAMETERS, ParameterSpec, RELOAD_HINT, scene_record, SPECS, validate)
 from cnn_rnn_perception.postprocess import ProbabilitySmoother, top_k
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (
@@ -246,10 +245,7 @@ class PerceptionNode(LifecycleNode):
         settings = engine_settings(values, len(values['image_topics']))
         if values['model.checkpoint']:
             engine = InferenceEngine.from_checkpoint(values['model.checkpoint'], settings)
-            labels = engine.labels
-            if labels == default_labels(len(labels)) and len(values['labels']) == len(labels):
-                labels = list(values['labels'])  # the checkpoint has only placeholder names
-            return engine, labels
+            return engine, choose_labels(engine.labels, values['labels'])
         config = model_config(values)
         self.get_logger().warning(
             f'model.checkpoint is empty: built {config.backbone} {config.sequence} with RANDOM '
@@ -345,9 +341,10 @@ class PerceptionNode(LifecycleNode):
         if not batch:
             return
         try:
+            # top_k=1: the published top-k is taken after smoothing, in _publish_result.
             results = self._engine.infer([item[3] for item in batch],
                                          color_order=[item[4] for item in batch],
-                                         streams=[item[0] for item in batch])
+                                         streams=[item[0] for item in batch], top_k=1)
         except (ValueError, RuntimeError) as error:
             for topic, *_ in batch:
                 self._reject(topic, f'inference failed: {error}')
@@ -369,18 +366,8 @@ class PerceptionNode(LifecycleNode):
         best = top_k(probabilities, int(self._values['top_k']), self._labels,
                      float(self._values['score_threshold']))
         node_ms = (time.monotonic() - received_at) * 1e3
-        times = result.times
-        scene = {
-            'topic': topic,
-            'stamp': {'sec': header.stamp.sec, 'nanosec': header.stamp.nanosec},
-            'frame_id': header.frame_id,
-            'label': best[0][0] if best else None,
-            'score': best[0][1] if best else None,
-            'top_k': [{'label': label, 'score': score} for label, score in best],
-            'latency_ms': {'preprocess': times.preprocess_ms, 'forward': times.forward_ms,
-                           'postprocess': times.postprocess_ms, 'receive_to_publish': node_ms},
-            'batch_size': times.batch_size,
-        }
+        scene = scene_record(topic, (header.stamp.sec, header.stamp.nanosec), header.frame_id,
+                             best, result.times, node_ms)
         self._scene_pub.publish(String(data=json.dumps(scene)))
         if Classification is not None:
             message = Classification(header=header)

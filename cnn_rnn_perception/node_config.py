@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any, Hashable
 
-from cnn_rnn_perception.engine import EngineSettings, parse_device_name, PRECISIONS
-from cnn_rnn_perception.model import ModelConfig, POOLINGS, RNNS, SEQUENCES
+from cnn_rnn_perception.engine import EngineSettings, parse_device_name, PRECISIONS, StageTimes
+from cnn_rnn_perception.model import default_labels, ModelConfig, POOLINGS, RNNS, SEQUENCES
 from cnn_rnn_perception.synthetic import NAVIGATION_LABELS
 import numpy as np
 RELIABILITIES = ('best_effort', 'reliable')
@@ -160,6 +160,31 @@ def engine_settings(values: dict[str, Any], camera_count: int) -> EngineSettings
     return EngineSettings(device=values['device'], precision=values['precision'],
                           compile_trunk=bool(values['compile']),
                           max_batch=max(camera_count, 1))
+
+
+def choose_labels(checkpoint_labels: list[str], parameter_labels: list[str]) -> list[str]:
+    """Use the ``labels`` parameter only where the checkpoint has placeholder names."""
+    if (checkpoint_labels == default_labels(len(checkpoint_labels))
+            and len(parameter_labels) == len(checkpoint_labels)):
+        return list(parameter_labels)
+    return list(checkpoint_labels)
+
+
+def scene_record(topic: str, stamp: tuple[int, int], frame_id: str,
+                 best: list[tuple[str, float]], times: StageTimes, node_ms: float
+                 ) -> dict[str, Any]:
+    """Return the JSON object ``~/scene`` publishes for one classified frame."""
+    return {
+        'topic': topic,
+        'stamp': {'sec': stamp[0], 'nanosec': stamp[1]},
+        'frame_id': frame_id,
+        'label': best[0][0] if best else None,
+        'score': best[0][1] if best else None,
+        'top_k': [{'label': label, 'score': score} for label, score in best],
+        'latency_ms': {'preprocess': times.preprocess_ms, 'forward': times.forward_ms,
+                       'postprocess': times.postprocess_ms, 'receive_to_publish': node_ms},
+        'batch_size': times.batch_size,
+    }
 
 
 class CameraStats:

@@ -3,8 +3,10 @@
 import importlib.util
 import threading
 
+from cnn_rnn_perception.engine import StageTimes
 from cnn_rnn_perception.node_config import (
-    CameraStats, LatestFrames, model_config, needs_reload, PARAMETERS, validate)
+    CameraStats, choose_labels, LatestFrames, model_config, needs_reload, PARAMETERS,
+    scene_record, validate)
 import pytest
 from ros_harness import ROOT
 import yaml
@@ -104,3 +106,22 @@ def test_launch_file_declares_documented_arguments():
     assert {'params_file', 'namespace', 'image_topics', 'device', 'checkpoint',
             'log_level'} <= set(arguments)
     assert all(argument.description for argument in arguments.values())
+
+
+def test_labels_parameter_names_only_a_checkpoints_placeholder_classes():
+    assert choose_labels(['class_0', 'class_1'], ['door', 'wall']) == ['door', 'wall']
+    assert choose_labels(['class_0', 'class_1'], ['door']) == ['class_0', 'class_1']
+    assert choose_labels(['hall', 'room'], ['door', 'wall']) == ['hall', 'room']
+
+
+def test_scene_record_carries_the_source_header_results_and_stage_times():
+    times = StageTimes(preprocess_ms=1.0, forward_ms=2.0, postprocess_ms=0.5, batch_size=3)
+    record = scene_record('/cam', (12, 34), 'front', [('hall', 0.7), ('room', 0.2)], times, 4.0)
+    assert record == {
+        'topic': '/cam', 'stamp': {'sec': 12, 'nanosec': 34}, 'frame_id': 'front',
+        'label': 'hall', 'score': 0.7,
+        'top_k': [{'label': 'hall', 'score': 0.7}, {'label': 'room', 'score': 0.2}],
+        'latency_ms': {'preprocess': 1.0, 'forward': 2.0, 'postprocess': 0.5,
+                       'receive_to_publish': 4.0},
+        'batch_size': 3}
+    assert scene_record('/cam', (0, 0), '', [], times, 1.0)['label'] is None
