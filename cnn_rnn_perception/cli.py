@@ -33,6 +33,17 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'expected 0 (torch decides) or a thread count; '
+                                         f'got {text!r}')
+    return value
+
+
 def _write_json(path: str | None, report: dict) -> None:
     if path:
         with open(path, 'w') as out:
@@ -47,7 +58,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'fp16', 'bf16'),
                        help='trunk precision; auto is bf16 on GPUs that have it, fp32 on the '
                             'CPU (default: auto)')
-    group.add_argument('--threads', type=int, default=0,
+    group.add_argument('--threads', type=_threads, default=0,
                        help='CPU threads for torch (default: 0, torch decides)')
 
 
@@ -98,7 +109,7 @@ def _classify(args: argparse.Namespace) -> int:
     import numpy as np
 
     settings = EngineSettings(device=args.device, precision=args.precision,
-                              compile_trunk=args.compile, threads=args.threads)
+                              compile_trunk=args.compile)
     if args.checkpoint:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, settings)
         source = args.checkpoint
@@ -128,13 +139,9 @@ def _classify(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from cnn_rnn_perception.bench import format_table, run_benchmark
     from cnn_rnn_perception.engine import EngineSettings
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     settings = EngineSettings(device=args.device, precision=args.precision,
                               compile_trunk=not args.no_compile,
-                              cuda_graphs=not args.no_cuda_graphs, threads=args.threads,
+                              cuda_graphs=not args.no_cuda_graphs,
                               max_batch=max(args.batch_sizes))
     width, height = args.frame_size
     report = run_benchmark(_model_config(args, args.num_classes), settings=settings,
@@ -195,7 +202,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                              'score a replay recording')
         from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
         settings = EngineSettings(device=args.device, precision=args.precision,
-                                  compile_trunk=args.compile, threads=args.threads,
+                                  compile_trunk=args.compile,
                                   max_batch=args.batch_size)
         engine = InferenceEngine.from_checkpoint(args.checkpoint, settings)
         result = evaluate_bags(args.bags, engine, topics=args.topics,
@@ -327,10 +334,6 @@ def _synth(args: argparse.Namespace) -> int:
 def _bench_order(args: argparse.Namespace) -> int:
     from cnn_rnn_perception.bench import render_table
     from cnn_rnn_perception.proof import run_digit_benchmark
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = run_digit_benchmark(train_pairs=args.train_pairs, test_pairs=args.test_pairs,
                                epochs=args.epochs, seed=args.seed)
     names = {'gap': 'global average pooling', 'columns': 'columns + bidirectional LSTM',
@@ -552,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument('--test-pairs', type=int, default=1000)
     order.add_argument('--epochs', type=int, default=6)
     order.add_argument('--seed', type=int, default=0)
-    order.add_argument('--threads', type=int, default=0)
+    order.add_argument('--threads', type=_threads, default=0,
+                       help='CPU threads for torch (default: 0, torch decides)')
     order.set_defaults(handler=_bench_order)
     return parser
 
@@ -562,6 +566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format='%(levelname)s %(name)s: %(message)s')
+    if getattr(args, 'threads', 0):
+        # The command owns its process, so it may set torch's thread count; the library never
+        # does, since that changes what every other computation in a process returns.
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:

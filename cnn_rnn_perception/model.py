@@ -16,11 +16,12 @@ No ROS imports here: this module is the core that the node, the tools and the te
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from cnn_rnn_perception.backbones import (
     build_trunk, check_backbone_name, feature_map_size, state_dict_differences)
@@ -284,6 +285,19 @@ class CnnRnnClassifier(nn.Module):
             return outputs.amax(dim=1)
         weights = torch.softmax(self.attention(outputs), dim=1)  # [B, T, 1]
         return (weights * outputs).sum(dim=1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """
+    Draw from torch's CPU generator seeded with ``seed``, then restore it as it was.
+
+    Model initialisation is reproducible this way without reseeding the whole process: code
+    running after us (a training run, a test) draws what it would have drawn anyway.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def default_labels(num_classes: int) -> list[str]:

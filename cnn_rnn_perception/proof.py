@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import time
 from typing import Sequence
 
-from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig
+from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, seeded
 import numpy as np
 import torch
 from torch import nn
@@ -32,17 +32,21 @@ TILE = 32
 class PairModel(nn.Module):
     """A CnnRnnClassifier reading two tiles as the two columns of one feature map."""
 
-    def __init__(self, head: str, *, hidden_size: int = 64, backbone: str = 'resnet18') -> None:
+    def __init__(self, head: str, *, hidden_size: int = 64, backbone: str = 'resnet18',
+                 seed: int = 0) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f'head must be one of {", ".join(HEADS)}; got {head!r}')
         self.head_kind = head
-        # A TILE x 2*TILE input gives a feature map of width 2: one column per tile.
-        self.classifier = CnnRnnClassifier(ModelConfig(
-            num_classes=2, backbone=backbone, sequence='columns', strip=1, rnn='lstm',
-            hidden_size=hidden_size, bidirectional=True, pooling='last',
-            input_size=(TILE, 2 * TILE)))
-        self.gap = nn.Linear(self.classifier.config.channels, 2) if head == 'gap' else None
+        # The initial weights are part of the experiment: the same seed, the same model,
+        # whatever ran before in the process.
+        with seeded(seed):
+            # A TILE x 2*TILE input gives a feature map of width 2: one column per tile.
+            self.classifier = CnnRnnClassifier(ModelConfig(
+                num_classes=2, backbone=backbone, sequence='columns', strip=1, rnn='lstm',
+                hidden_size=hidden_size, bidirectional=True, pooling='last',
+                input_size=(TILE, 2 * TILE)))
+            self.gap = nn.Linear(self.classifier.config.channels, 2) if head == 'gap' else None
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """Tiles [B, 3, TILE, TILE] to logits [B, 2]."""
@@ -143,8 +147,7 @@ def run_digit_benchmark(*, train_pairs: int = 3000, test_pairs: int = 1000, epoc
     rows = []
     for head in heads:
         started = time.perf_counter()
-        torch.manual_seed(seed)
-        model = PairModel(head)
+        model = PairModel(head, seed=seed)
         fit(model, train_data, epochs=epochs, seed=seed)
         rows.append(ProofRow(head, accuracy(model, train_data), accuracy(model, test_data),
                              time.perf_counter() - started))

@@ -229,3 +229,28 @@ def test_cuda_engine_agrees_with_the_cpu_reference(precision):
     single = gpu.infer(frames[:1])[0].probabilities
     np.testing.assert_allclose(single, probabilities[0], atol=1e-3)
     gpu.close()
+
+
+def test_an_engine_leaves_the_process_torch_state_as_it_found_it():
+    """Training after inference in one process must compute what it would have without it."""
+    from torch import _dynamo, _inductor
+    limit = 'recompile_limit' if hasattr(_dynamo.config, 'recompile_limit') \
+        else 'cache_size_limit'
+    before = (_inductor.config.freezing, getattr(_dynamo.config, limit),
+              torch.get_num_threads(), torch.random.get_rng_state())
+    with InferenceEngine.from_config(
+            CONFIG, labels=LABELS, settings=EngineSettings(device='cpu', warmup_iterations=1),
+            seed=7) as compiled:
+        compiled.infer(camera_frames(2), color_order='bgr')
+    after = (_inductor.config.freezing, getattr(_dynamo.config, limit),
+             torch.get_num_threads(), torch.random.get_rng_state())
+    assert before[:3] == after[:3]
+    assert torch.equal(before[3], after[3]), 'the engine reseeded the global generator'
+
+
+def test_from_config_builds_the_same_model_for_the_same_seed():
+    frames = camera_frames(2)
+    first, second = (InferenceEngine.from_config(CONFIG, labels=LABELS, settings=EAGER_CPU,
+                                                 seed=3) for _ in range(2))
+    np.testing.assert_array_equal(first.infer(frames)[0].probabilities,
+                                  second.infer(frames)[0].probabilities)
