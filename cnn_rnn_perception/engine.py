@@ -73,13 +73,14 @@ def parse_device_name(name: str) -> str:
     raise ValueError(f'device must be {DEVICES_HELP}; got {name!r}')
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, *, quiet: bool = False) -> torch.device:
     """Turn a device setting into a torch device; ``auto`` falls back to the CPU, and says so."""
     parse_device_name(name)
     if name == 'auto':
         if torch.cuda.is_available():
             return torch.device('cuda', torch.cuda.current_device())
-        _LOG.warning('device auto: no CUDA device is available, running on the CPU')
+        if not quiet:
+            _LOG.warning('device auto: no CUDA device is available, running on the CPU')
         return torch.device('cpu')
     device = torch.device(name)
     if device.type == 'cuda':

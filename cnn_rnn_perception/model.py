@@ -353,33 +353,63 @@ def save_checkpoint(path: str | os.PathLike, model: CnnRnnClassifier, *,
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Rebuild a model from a checkpoint file alone; errors name the file and what is wrong."""
-    path = os.fspath(path)
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint describes, read without building its model."""
+
+    config: ModelConfig
+    labels: list[str]
+    preprocessing: Preprocessing
+
+
+def _read_checkpoint(path: str, *, mmap: bool) -> tuple[dict[str, Any], CheckpointInfo]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path!r}')
     try:
-        payload = torch.load(path, map_location='cpu', weights_only=True)
+        payload = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as error:  # pickle, zip and torch errors all mean "not a checkpoint"
-        raise ValueError(f'cannot read checkpoint {path!r}: {error}') from error
+        raise ValueError(f'cannot read checkpoint {path!r} (truncated, or not a torch file): '
+                         f'{error}') from error
     if not isinstance(payload, dict) or payload.get('format') != CHECKPOINT_FORMAT:
         raise ValueError(f'{path!r} is not a cnn_rnn_perception checkpoint '
                          f'(expected format {CHECKPOINT_FORMAT!r})')
     try:
         config = ModelConfig.from_dict(payload['config'])
         preprocessing = Preprocessing(**payload['preprocessing'])
-    except (TypeError, ValueError) as error:
+        labels = [str(label) for label in payload['labels']]
+    except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f'checkpoint {path!r} has an invalid config: {error}') from error
-    model = CnnRnnClassifier(config, load_pretrained=False)
-    differences = state_dict_differences(model.state_dict(), payload['state_dict'])
-    if differences:
-        raise ValueError(f'checkpoint {path!r}: weights do not match its config '
-                         f'({config.backbone}, {config.sequence}): {differences}')
-    model.load_state_dict(payload['state_dict'])
-    model.eval()
-    labels = list(payload['labels'])
     if len(labels) != config.num_classes:
         raise ValueError(f'checkpoint {path!r} has {len(labels)} labels for '
                          f'{config.num_classes} classes')
-    return Checkpoint(model=model, labels=labels, preprocessing=preprocessing,
+    return payload, CheckpointInfo(config, labels, preprocessing)
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """
+    Check that a file is a readable checkpoint and return its config, labels, preprocessing.
+
+    Memory-maps the file rather than reading every weight, so it answers in milliseconds even
+    for large models: the node asks it inside a parameter callback. ``load_checkpoint`` still
+    checks every tensor.
+    """
+    return _read_checkpoint(os.fspath(path), mmap=True)[1]
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Rebuild a model from a checkpoint file alone; errors name the file and what is wrong."""
+    path = os.fspath(path)
+    payload, info = _read_checkpoint(path, mmap=False)
+    config = info.config
+    model = CnnRnnClassifier(config, load_pretrained=False)
+    state_dict = payload.get('state_dict')
+    if not isinstance(state_dict, dict):
+        raise ValueError(f'checkpoint {path!r} has no weights')
+    differences = state_dict_differences(model.state_dict(), state_dict)
+    if differences:
+        raise ValueError(f'checkpoint {path!r}: weights do not match its config '
+                         f'({config.backbone}, {config.sequence}): {differences}')
+    model.load_state_dict(state_dict)
+    model.eval()
+    return Checkpoint(model=model, labels=info.labels, preprocessing=info.preprocessing,
                       extra=dict(payload.get('extra', {})))

@@ -1,11 +1,16 @@
 """
 The perception node: the rclpy adapter over the engine.
 
-A ``LifecycleNode``: configure validates parameters and loads the model, activate subscribes
-and starts the inference worker, deactivate stops it and releases the device. Image callbacks
-only store the newest frame of each camera; one worker thread takes the newest frame of every
-camera and runs them as one batch, so there is never a backlog and parameter and lifecycle
-services always answer. Every output carries the source image's header.
+A ``LifecycleNode``: configure validates the parameters (and reads the checkpoint's header),
+activate starts building the engine in the background, subscribes and starts the inference
+worker, deactivate stops it and releases the device. No callback on the executor does slow
+work, so lifecycle and parameter services always answer: engines are built (loaded, compiled,
+warmed up) by an ``EngineSlot`` off the executor thread and swapped in whole, and a model change
+keeps the running engine classifying until its replacement is ready, or for good if it fails.
+
+Image callbacks only store the newest frame of each camera; one supervised worker thread takes
+the newest frame of every camera and runs them as one batch, so there is never a backlog.
+Every output carries the source image's header.
 """
 
 from __future__ import annotations
@@ -13,23 +18,30 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from cnn_rnn_perception.engine import InferenceEngine, precision_name
+from cnn_rnn_perception.engine_slot import EngineSlot, LoadedModel
 from cnn_rnn_perception.image_conversion import ImageRejected, message_to_frame
+from cnn_rnn_perception.model import inspect_checkpoint
 from cnn_rnn_perception.node_config import (
-    CameraStats, choose_labels, engine_settings, LatestFrames, model_config, needs_reload,
-    PARAMETERS, ParameterSpec, RELOAD_HINT, scene_record, SPECS, validate)
+    CameraStats, choose_labels, class_hypotheses, engine_settings, LatestFrames, model_config,
+    needs_reload, PARAMETERS, ParameterSpec, RateLimitedLog, RELOAD_HINT, RESUBSCRIBE,
+    run_supervised, scene_record, SPECS, stamp_now, stuck_after_s, validate, validate_startup)
 from cnn_rnn_perception.postprocess import ProbabilitySmoother, top_k
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (
     FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult)
 import rclpy
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
@@ -89,7 +101,7 @@ class PerceptionNode(LifecycleNode):
     """Classifies camera topics with the CNN-RNN scene model."""
 
     def __init__(self, node_name: str = 'cnn_rnn_perception', **kwargs: Any) -> None:
-        """Declare parameters and outputs; the model loads on configure."""
+        """Declare parameters and outputs; the model loads on activate."""
         super().__init__(node_name, **kwargs)
         for spec in PARAMETERS:
             self.declare_parameter(spec.name, spec.default, _descriptor(spec))
@@ -113,20 +125,48 @@ class PerceptionNode(LifecycleNode):
         self._state = 'unconfigured'
         self._values: dict[str, Any] = {}
         self._labels: list[str] = []
-        self._engine: InferenceEngine | None = None
         self._stats: dict[str, CameraStats] = {}
         self._subscriptions_: list = []
+        self._subscribed_as: tuple | None = None
         self._frames = LatestFrames()
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._busy_since: float | None = None
+        self._worker_errors = 0
+        self._worker_restarts = 0
         self._smoother = ProbabilitySmoother()
         self._live_lock = threading.Lock()
         self._live_changes: dict[str, Any] = {}
-        self._one_shot_timers: list = []
-        self._rejections_logged: dict[tuple[str, str], float] = {}
-        self._diagnostics_timer = self.create_timer(1.0, self._publish_diagnostics)
+        self._rejection_log = RateLimitedLog(period_s=5.0)
+        # What went wrong last, for /diagnostics: (level, message), or None when all is well.
+        self._problem: tuple[int, str] | None = None
+        self._slot = EngineSlot(self._build_model, on_ready=self._on_model_ready,
+                                on_failed=self._on_model_failed)
+        # Work handed to the executor thread from other threads (the engine builder) or from
+        # a parameter callback (which must return before rclpy stores the new values).
+        self._pending: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = self.create_guard_condition(self._run_pending)
+        # A steady clock: diagnostics keep coming under use_sim_time with no /clock (a bag
+        # replayed without --clock), which is exactly when an operator needs them.
+        self._diagnostics_timer = self.create_timer(
+            1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
         if self.get_parameter('autostart').value:
-            self._call_soon(self._autostart)
+            self._post(self._autostart)
+
+    # -- work for the executor thread --------------------------------------------------------
+
+    def _post(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the executor thread soon; safe to call from any thread."""
+        self._pending.put(callback)
+        self._wakeup.trigger()
+
+    def _run_pending(self) -> None:
+        while True:
+            try:
+                callback = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            callback()
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -138,10 +178,10 @@ class PerceptionNode(LifecycleNode):
         reason = validate(changes, self._parameter_values())
         if reason:
             return SetParametersResult(successful=False, reason=reason)
-        reload = needs_reload(changes)
+        reload = needs_reload(changes, self._values) if self._values else []
         if reload and self._state in ('inactive', 'active'):
             self.get_logger().info(f'{", ".join(reload)} changed: {RELOAD_HINT}')
-            self._call_soon(self._reload)
+            self._post(self._apply_reload)
         # rclpy stores the values after this callback returns, so the worker takes the
         # validated values from here, before its next batch.
         with self._live_lock:
@@ -149,65 +189,66 @@ class PerceptionNode(LifecycleNode):
                                        if SPECS[name].live})
         return SetParametersResult(successful=True)
 
-    def _call_soon(self, callback) -> None:
-        """Run ``callback`` once on the executor, after the current callback returns."""
-        def once() -> None:
-            timer.cancel()
-            self._one_shot_timers.remove(timer)
-            self.destroy_timer(timer)
-            callback()
-        timer = self.create_timer(0.0, once)
-        self._one_shot_timers.append(timer)
-
     def _autostart(self) -> None:
         if self.trigger_configure() == SUCCESS:
             self.trigger_activate()
 
-    def _reload(self) -> None:
-        was_active = self._state == 'active'
-        if was_active:
-            self.trigger_deactivate()
-        self.trigger_cleanup()
-        if self.trigger_configure() == SUCCESS and was_active:
-            self.trigger_activate()
+    def _apply_reload(self) -> None:
+        """Take the stored reload parameters: a new engine while active, else at activate."""
+        values = self._parameter_values()
+        if not needs_reload(values, self._values):
+            return
+        if self._state == 'active':
+            self._slot.build(values, compiled=bool(values['compile']))
+        elif self._state == 'inactive':
+            self._adopt_values(values)
+
+    def _adopt_values(self, values: dict[str, Any]) -> None:
+        """Make ``values`` the configuration: labels, cameras and subscriptions follow."""
+        self._values = {**self._values, **values}
+        self._labels = self._labels_for(self._values)
+        for topic in self._values['image_topics']:
+            self._stats.setdefault(topic, CameraStats(topic))
+        if self._state == 'active':
+            self._subscribe_all()
+        for topic in set(self._stats) - set(self._values['image_topics']):
+            del self._stats[topic]
+        self._publish_label_info()
+
+    @staticmethod
+    def _labels_for(values: dict[str, Any]) -> list[str]:
+        if values['model.checkpoint']:
+            return choose_labels(inspect_checkpoint(values['model.checkpoint']).labels,
+                                 values['labels'])
+        return list(values['labels'])
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def on_configure(self, state: State) -> TransitionCallbackReturn:
-        """Validate the parameters and load the model."""
+        """Validate every parameter and read the checkpoint's header; no model loads yet."""
         values = self._parameter_values()
-        try:
-            self._engine, self._labels = self._build_engine(values)
-        except (ValueError, FileNotFoundError, RuntimeError) as error:
-            self.get_logger().error(f'configure failed: {error}')
+        reason = validate_startup(values)
+        if reason:
+            self._problem = (2, f'configure failed: {reason}')
+            self.get_logger().error(f'configure failed: {reason}')
             return FAILURE
-        self._values = values
-        self._stats = {topic: CameraStats(topic) for topic in values['image_topics']}
+        self._problem = None
+        self._values = {}
+        self._stats = {}
         self._smoother.configure(values['smoothing'], values['smoothing_reset_s'])
         self._smoother.reset()
-        self._publish_label_info()
         self._state = 'inactive'
-        self.get_logger().info(f'configured: {self._engine.describe()}, '
-                               f'{len(self._labels)} classes, cameras {values["image_topics"]}')
+        self._adopt_values(values)
+        self.get_logger().info(f'configured: {len(self._labels)} classes, cameras '
+                               f'{values["image_topics"]}')
         return SUCCESS
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
-        """Subscribe to the cameras and start the inference worker."""
-        if self._engine is None:  # released by a deactivate
-            try:
-                self._engine, self._labels = self._build_engine(self._values)
-            except (ValueError, FileNotFoundError, RuntimeError) as error:
-                self.get_logger().error(f'activate failed: {error}')
-                return FAILURE
-        qos = self._subscription_qos()
-        for topic in self._values['image_topics']:
-            self._subscribe(topic, qos)
-        self._stop.clear()
-        self._frames.reopen()
-        self._worker = threading.Thread(target=self._inference_loop, name='inference',
-                                        daemon=True)
-        self._worker.start()
+        """Start building the engine, subscribe to the cameras and start the worker."""
+        self._slot.build(self._values, compiled=bool(self._values['compile']))
         self._state = 'active'
+        self._subscribe_all()
+        self._start_worker()
         return super().on_activate(state)
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
@@ -237,40 +278,96 @@ class PerceptionNode(LifecycleNode):
         return SUCCESS
 
     def destroy_node(self) -> None:
-        """Stop the worker before the node's handles go."""
+        """Stop the worker and any engine build before the node's handles go."""
         self._stop_inference()
+        # A build thread still inside torch when the interpreter exits aborts the process
+        # ("terminate called without an active exception"): let it finish; its engine is
+        # thrown away. An eager build takes about a second; a compile can take longer.
+        if not self._slot.wait_idle(timeout_s=60.0):
+            self.get_logger().error('an engine build did not finish within 60 s of shutdown')
         super().destroy_node()
 
-    def _build_engine(self, values: dict[str, Any]) -> tuple[InferenceEngine, list[str]]:
-        settings = engine_settings(values, len(values['image_topics']))
+    # -- engines: built off the executor, adopted on it --------------------------------------
+
+    def _build_model(self, values: dict[str, Any], compiled: bool) -> LoadedModel:
+        """Build and warm up an engine (runs in the EngineSlot's builder thread)."""
+        cameras = len(values['image_topics'])
+        settings = engine_settings(values, cameras, compiled=compiled)
         if values['model.checkpoint']:
             engine = InferenceEngine.from_checkpoint(values['model.checkpoint'], settings)
-            return engine, choose_labels(engine.labels, values['labels'])
-        config = model_config(values)
-        self.get_logger().warning(
-            f'model.checkpoint is empty: built {config.backbone} {config.sequence} with RANDOM '
-            'weights; classifications mean nothing until model.checkpoint names a trained '
-            'checkpoint')
-        return InferenceEngine.from_config(config, labels=values['labels'],
-                                           settings=settings), list(values['labels'])
+            labels = choose_labels(engine.labels, values['labels'])
+        else:
+            if not compiled:
+                config = model_config(values)
+                self.get_logger().warning(
+                    f'model.checkpoint is empty: built {config.backbone} {config.sequence} '
+                    'with RANDOM weights; classifications mean nothing until model.checkpoint '
+                    'names a trained checkpoint')
+            engine = InferenceEngine.from_config(model_config(values), labels=values['labels'],
+                                                 settings=settings)
+            labels = list(values['labels'])
+        try:
+            # Every batch the worker can form (one frame per camera at most) is compiled here,
+            # so nothing compiles in the inference thread.
+            engine.warmup(batch_sizes=range(2, cameras + 1))
+        except BaseException:
+            engine.close()
+            raise
+        return LoadedModel(engine=engine, labels=labels, values=values, compiled=compiled)
 
-    def _stop_inference(self) -> None:
-        self._stop.set()
+    def _on_model_ready(self, model: LoadedModel) -> None:
+        self._post(functools.partial(self._adopt_model, model))
+
+    def _on_model_failed(self, values: dict[str, Any], error: BaseException) -> None:
+        self._post(functools.partial(self._model_failed, values, error))
+
+    def _adopt_model(self, model: LoadedModel) -> None:
+        if self._state not in ('inactive', 'active') or self._slot.current is not model:
+            return
+        if not model.compiled:
+            self._smoother.reset()  # probabilities of another model are no history for this
+        self._problem = None
+        self._adopt_values(model.values)
+        self.get_logger().info(f'classifying with {model.engine.describe()}')
+
+    def _model_failed(self, values: dict[str, Any], error: BaseException) -> None:
+        running = self._slot.current
+        if running is None:
+            self._problem = (2, f'model failed to load: {error}')
+            self.get_logger().error(f'model failed to load: {error}')
+            return
+        changed = needs_reload(values, running.values)
+        self._problem = (1, f'reload failed, still running the previous model: {error}')
+        self.get_logger().error(
+            f'reload failed ({error}); still classifying with {running.engine.describe()}; '
+            f'{", ".join(changed)} set back to the running values')
+        # Set back what the running engine was built from; the on-set callback sees values
+        # equal to the running ones and schedules nothing.
+        self.set_parameters([Parameter(name, value=running.values[name]) for name in changed])
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def _subscribe_all(self) -> None:
+        """Subscribe as the configuration says; nothing happens when that is unchanged."""
+        wanted = tuple(_plain(self._values[name]) if name != 'image_topics'
+                       else tuple(self._values[name]) for name in RESUBSCRIBE)
+        if wanted == self._subscribed_as:
+            return
+        self._unsubscribe_all()
+        qos = self._subscription_qos()
+        for topic in self._values['image_topics']:
+            self._subscribe(topic, qos)
+        self._subscribed_as = wanted
+
+    def _unsubscribe_all(self) -> None:
         # Subscriptions first: no callback can then store a frame after the drain below.
         for subscription in self._subscriptions_:
             self.destroy_subscription(subscription)
         self._subscriptions_ = []
-        for topic in self._frames.close():
+        self._subscribed_as = None
+        for topic in self._frames.drain():
             if topic in self._stats:
                 self._stats[topic].on_dropped_stale()  # never reached a batch
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-
-    # -- subscriptions -----------------------------------------------------------------------
 
     def _subscription_qos(self) -> QoSProfile:
         reliability = (ReliabilityPolicy.RELIABLE
@@ -300,12 +397,43 @@ class PerceptionNode(LifecycleNode):
             'or make the camera publish reliable')
 
     def _on_image(self, topic: str, msg: Image | CompressedImage) -> None:
-        stats = self._stats[topic]
+        stats = self._stats.get(topic)
+        if stats is None:  # a message in flight while the topic was unsubscribed
+            return
         stats.on_received()
         if self._frames.put(topic, (msg, time.monotonic())):
             stats.on_dropped_stale()
 
-    # -- inference worker --------------------------------------------------------------------
+    # -- the supervised inference worker -----------------------------------------------------
+
+    def _start_worker(self) -> None:
+        self._stop.clear()
+        self._frames.reopen()
+        self._worker = threading.Thread(target=self._inference_loop, name='inference',
+                                        daemon=True)
+        self._worker.start()
+
+    def _stop_inference(self) -> None:
+        self._stop.set()
+        self._unsubscribe_all()
+        self._frames.close()
+        if self._worker is not None:
+            self._worker.join(timeout=5.0)
+            if self._worker.is_alive():
+                self.get_logger().error('the inference worker did not stop within 5 s (a '
+                                        'batch is stuck); it is abandoned')
+            self._worker = None
+        self._busy_since = None
+        self._slot.release()
+
+    def _supervise(self) -> None:
+        """Restart a worker that died; runs with diagnostics, on the executor."""
+        if self._state != 'active' or (self._worker is not None and self._worker.is_alive()):
+            return
+        self._worker_restarts += 1
+        self.get_logger().error('the inference worker had stopped; restarted it '
+                                f'(restart {self._worker_restarts})')
+        self._start_worker()
 
     def _inference_loop(self) -> None:
         next_batch_at = 0.0
@@ -313,57 +441,80 @@ class PerceptionNode(LifecycleNode):
             wait = next_batch_at - time.monotonic()
             if wait > 0 and self._stop.wait(wait):
                 break
+            if self._slot.current is None:
+                # The engine is still being built: frames wait in their slots (a newer
+                # frame replaces an older one, counted as stale).
+                self._stop.wait(0.05)
+                continue
             slots = self._frames.take_all(timeout_s=0.2)
             if not slots:
                 continue
             self._apply_live_changes()
             rate = self._values['max_rate_hz']
             next_batch_at = time.monotonic() + (1.0 / rate if rate > 0 else 0.0)
-            self._classify(slots)
+            self._busy_since = time.monotonic()
+            try:
+                error = run_supervised(functools.partial(self._classify, slots), slots,
+                                       self._reject)
+            finally:
+                self._busy_since = None
+            if error is not None:
+                self._worker_errors += 1
+                self.get_logger().error(f'inference batch failed ({type(error).__name__}: '
+                                        f'{error}); the worker goes on with the next frames')
 
     def _apply_live_changes(self) -> None:
         with self._live_lock:
             changes, self._live_changes = self._live_changes, {}
         if changes:
-            self._values.update(changes)
+            self._values = {**self._values, **changes}
             self._smoother.configure(self._values['smoothing'],
                                      self._values['smoothing_reset_s'])
 
-    def _classify(self, slots: dict[str, tuple[Any, float]]) -> None:
+    def _classify(self, slots: dict[str, tuple[Any, float]], handled: set[str]) -> None:
         batch = []
         for topic, (msg, received_at) in slots.items():
             try:
                 frame, color_order = message_to_frame(msg)
             except ImageRejected as error:
                 self._reject(topic, str(error))
+                handled.add(topic)
                 continue
             batch.append((topic, msg, received_at, frame, color_order))
         if not batch:
             return
-        try:
-            # top_k=1: the published top-k is taken after smoothing, in _publish_result.
-            results = self._engine.infer([item[3] for item in batch],
-                                         color_order=[item[4] for item in batch],
-                                         streams=[item[0] for item in batch], top_k=1)
-        except (ValueError, RuntimeError) as error:
-            for topic, *_ in batch:
-                self._reject(topic, f'inference failed: {error}')
-            return
+        with self._slot.borrow() as model:
+            if model is None:  # released between the check and here (a deactivate)
+                for topic, *_ in batch:
+                    self._stats[topic].on_dropped_stale()
+                    handled.add(topic)
+                return
+            try:
+                # top_k=1: the published top-k is taken after smoothing, in _publish_result.
+                results = model.engine.infer([item[3] for item in batch],
+                                             color_order=[item[4] for item in batch],
+                                             streams=[item[0] for item in batch], top_k=1)
+            except (ValueError, RuntimeError) as error:
+                for topic, *_ in batch:
+                    self._reject(topic, f'inference failed: {error}')
+                    handled.add(topic)
+                return
+            labels = model.labels
         for (topic, msg, received_at, _, _), result in zip(batch, results):
-            self._publish_result(topic, msg.header, received_at, result)
+            self._publish_result(topic, msg.header, received_at, result, labels)
+            handled.add(topic)
 
     def _reject(self, topic: str, reason: str) -> None:
         self._stats[topic].on_rejected(reason)
         # A new reason is logged at once; a camera repeating one is logged every 5 s.
-        now = time.monotonic()
-        if now - self._rejections_logged.get((topic, reason), -1e9) >= 5.0:
-            self._rejections_logged[(topic, reason)] = now
+        if self._rejection_log.should_log(topic, reason):
             self.get_logger().warning(f'{topic}: frame rejected: {reason}')
 
-    def _publish_result(self, topic: str, header: Any, received_at: float, result: Any) -> None:
+    def _publish_result(self, topic: str, header: Any, received_at: float, result: Any,
+                        labels: list[str]) -> None:
         stamp = header.stamp.sec + header.stamp.nanosec * 1e-9
         probabilities = self._smoother.update(topic, stamp, result.probabilities)
-        best = top_k(probabilities, int(self._values['top_k']), self._labels,
+        best = top_k(probabilities, int(self._values['top_k']), labels,
                      float(self._values['score_threshold']))
         node_ms = (time.monotonic() - received_at) * 1e3
         scene = scene_record(topic, (header.stamp.sec, header.stamp.nanosec), header.frame_id,
@@ -371,50 +522,78 @@ class PerceptionNode(LifecycleNode):
         self._scene_pub.publish(String(data=json.dumps(scene)))
         if Classification is not None:
             message = Classification(header=header)
-            message.results = [ObjectHypothesis(class_id=label, score=score)
-                               for label, score in best]
+            message.results = [ObjectHypothesis(class_id=class_id, score=score)
+                               for class_id, score in class_hypotheses(best, labels)]
             self._classification_pub.publish(message)
         self._stats[topic].on_classified(node_ms)
 
     # -- outputs -----------------------------------------------------------------------------
 
+    def _stamp(self):
+        return Time(nanoseconds=stamp_now(self.get_clock().now().nanoseconds,
+                                          time.time_ns())).to_msg()
+
     def _publish_label_info(self) -> None:
         if Classification is None:
             return
         message = LabelInfo()
-        message.header.stamp = self.get_clock().now().to_msg()
+        message.header.stamp = self._stamp()
         message.class_map = [VisionClass(class_id=index, class_name=label)
                              for index, label in enumerate(self._labels)]
         message.threshold = float(self._values['score_threshold'])
         self._label_info_pub.publish(message)
 
+    def _node_problem(self) -> tuple[int, str] | None:
+        """Return what is wrong with the node as a whole, worst first, or None."""
+        busy_since = self._busy_since
+        silent_after = float(self._values.get('silent_after_s', 2.0))
+        if self._state == 'active' and busy_since is not None:
+            busy_for = time.monotonic() - busy_since
+            if busy_for > stuck_after_s(silent_after):
+                return 2, f'inference stuck in one batch for {busy_for:.0f} s'
+        if self._state == 'active' and self._slot.current is None and self._problem is None:
+            return 1, f'model {self._slot.status}'
+        return self._problem
+
     def _publish_diagnostics(self) -> None:
+        self._supervise()
         array = DiagnosticArray()
-        array.header.stamp = self.get_clock().now().to_msg()
-        engine = self._engine
-        common = [KeyValue(key='state', value=self._state)]
-        if engine is not None:
-            common += [KeyValue(key='device', value=str(engine.device)),
-                       KeyValue(key='precision', value=precision_name(engine.dtype)),
-                       KeyValue(key='model', value=engine.describe())]
+        array.header.stamp = self._stamp()
+        model = self._slot.current
+        common = [KeyValue(key='state', value=self._state),
+                  KeyValue(key='engine', value=self._slot.status),
+                  KeyValue(key='worker_errors', value=str(self._worker_errors)),
+                  KeyValue(key='worker_restarts', value=str(self._worker_restarts))]
+        if model is not None:
+            common += [KeyValue(key='device', value=str(model.engine.device)),
+                       KeyValue(key='precision', value=precision_name(model.engine.dtype)),
+                       KeyValue(key='model', value=model.engine.describe())]
+        problem = self._node_problem()
         silent_after = float(self.get_parameter('silent_after_s').value)
+        rate = float(self.get_parameter('max_rate_hz').value)
+        stalled_after = silent_after + (1.0 / rate if rate > 0 else 0.0)
         name = self.get_fully_qualified_name()
+        hardware_id = str(model.engine.device) if model is not None else ''
         if not self._stats:
+            level, message = problem or (0, self._state)
             array.status.append(DiagnosticStatus(
-                level=DiagnosticStatus.OK, name=name, message=self._state, values=common))
+                level=_LEVELS[level], name=name, message=message, hardware_id=hardware_id,
+                values=common))
         for topic, stats in list(self._stats.items()):
-            snapshot = stats.snapshot(silent_after)
+            snapshot = stats.snapshot(silent_after, stalled_after,
+                                      cause=problem[1] if problem else '')
             level = snapshot.pop('level')
             message = snapshot.pop('message')
             if self._state != 'active':
-                level, message = 0, self._state
+                level, message = problem or (0, self._state)
+            elif problem is not None and problem[0] > level:
+                level, message = problem
             values = [KeyValue(key=key, value='' if value is None else
                                (f'{value:.2f}' if isinstance(value, float) else str(value)))
                       for key, value in snapshot.items()]
             array.status.append(DiagnosticStatus(
                 level=_LEVELS[level], name=f'{name}: {topic}', message=message,
-                hardware_id=str(engine.device) if engine is not None else '',
-                values=values + common))
+                hardware_id=hardware_id, values=values + common))
         self._diagnostics_pub.publish(array)
 
 

@@ -8,15 +8,16 @@ without ``rclpy.init``.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import deque, OrderedDict
 from dataclasses import dataclass
-import os
 import threading
 import time
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable, Iterable
 
-from cnn_rnn_perception.engine import EngineSettings, parse_device_name, PRECISIONS, StageTimes
-from cnn_rnn_perception.model import default_labels, ModelConfig, POOLINGS, RNNS, SEQUENCES
+from cnn_rnn_perception.engine import (
+    EngineSettings, parse_device_name, PRECISIONS, resolve_device, StageTimes)
+from cnn_rnn_perception.model import (
+    default_labels, inspect_checkpoint, ModelConfig, POOLINGS, RNNS, SEQUENCES)
 from cnn_rnn_perception.synthetic import NAVIGATION_LABELS
 import numpy as np
 RELIABILITIES = ('best_effort', 'reliable')
@@ -81,11 +82,12 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec('smoothing_reset_s', 2.0, 'A camera gap longer than this (by frame stamps) '
                   'drops its history.', live=True, minimum=0.001, maximum=3600.0),
     ParameterSpec('silent_after_s', 2.0, 'Diagnostics warn when a camera sends nothing for '
-                  'this long.', live=True, minimum=0.1, maximum=3600.0),
+                  'this long, and report an error when frames arrive but none is classified '
+                  'for this long.', live=True, minimum=0.1, maximum=3600.0),
 )
 SPECS = {spec.name: spec for spec in PARAMETERS}
-RELOAD_HINT = ('it needs the model reloaded; the node applies it by deactivating, cleaning '
-               'up, configuring and activating again')
+RELOAD_HINT = ('it needs a new engine; the node builds it in the background while the '
+               'current one keeps classifying, then switches')
 
 
 def _check_value(spec: ParameterSpec, value: Any) -> str | None:
@@ -104,26 +106,35 @@ def _check_value(spec: ParameterSpec, value: Any) -> str | None:
         return f'model.input_size must be [height, width], each >= 32; got {list(value)}'
     if spec.name == 'device':
         try:
+            # The spelling, then the hardware: cuda:3 on a one-GPU robot is refused here.
             parse_device_name(value)
+            resolve_device(value, quiet=True)
         except ValueError as error:
             return str(error)
-    if spec.name == 'model.checkpoint' and value and not os.path.isfile(value):
-        return f'model.checkpoint {value!r}: file not found'
+    if spec.name == 'model.checkpoint' and value:
+        try:
+            inspect_checkpoint(value)
+        except FileNotFoundError:
+            return f'model.checkpoint {value!r}: file not found'
+        except ValueError as error:
+            return f'model.checkpoint: {error}'
     return None
 
 
-def validate(changes: dict[str, Any], current: dict[str, Any]) -> str | None:
+def validate(changes: dict[str, Any], current: dict[str, Any], *,
+             startup: bool = False) -> str | None:
     """
     Return why a set of parameter changes is refused, or None when it is valid.
 
     ``current`` holds every parameter's present value; model fields are checked together, so
-    a strip that does not divide the new feature map is refused with the fix.
+    a strip that does not divide the new feature map is refused with the fix. ``startup``
+    checks values given at start-up (read-only ones included) the same way.
     """
     for name, value in changes.items():
         spec = SPECS.get(name)
         if spec is None:
             continue
-        if spec.read_only:
+        if spec.read_only and not startup:
             return f'{name} is read-only: set it at start-up (--ros-args -p {name}:=...)'
         reason = _check_value(spec, value)
         if reason:
@@ -138,9 +149,96 @@ def validate(changes: dict[str, Any], current: dict[str, Any]) -> str | None:
     return None
 
 
-def needs_reload(changes: dict[str, Any]) -> list[str]:
-    """Return the changed parameters that take effect only through a reconfigure."""
-    return sorted(name for name in changes if name in SPECS and not SPECS[name].live)
+def validate_startup(values: dict[str, Any]) -> str | None:
+    """Return why start-up (or configure-time) parameter values are refused, or None."""
+    return validate(values, values, startup=True)
+
+
+def needs_reload(changes: dict[str, Any], running: dict[str, Any] | None = None) -> list[str]:
+    """
+    Return the changed parameters that take effect only through a new engine.
+
+    With ``running`` (the values the current engine was built from), a value set back to
+    what is running needs nothing: that is how a failed reload's revert is told apart.
+    """
+    return sorted(name for name, value in changes.items()
+                  if name in SPECS and not SPECS[name].live and not SPECS[name].read_only
+                  and (running is None or running.get(name) != value))
+
+
+RESUBSCRIBE = ('image_topics', 'qos.reliability', 'qos.depth')
+
+
+def class_hypotheses(best: list[tuple[str, float]], labels: list[str]
+                     ) -> list[tuple[str, float]]:
+    """
+    Return (class_id, score) pairs as vision_msgs wants them.
+
+    ``ObjectHypothesis.class_id`` is a string ID that a consumer looks up in ``LabelInfo``,
+    whose ``VisionClass.class_id`` is the label's index: so the ID is that index, as text.
+    """
+    index = {label: position for position, label in enumerate(labels)}
+    return [(str(index[label]), score) for label, score in best]
+
+
+def stamp_now(ros_now_ns: int, wall_ns: int) -> int:
+    """
+    Return the stamp for a message the node originates.
+
+    The ROS clock where it runs; under ``use_sim_time`` with no ``/clock`` yet it reads zero,
+    and a zero stamp reads as "no time" to every consumer, so wall time stands in.
+    """
+    return ros_now_ns if ros_now_ns > 0 else wall_ns
+
+
+def run_supervised(classify: Callable[[set], None], topics: Iterable[str],
+                   reject: Callable[[str, str], None]) -> Exception | None:
+    """
+    Run one batch so that nothing it raises stops the worker or loses a frame.
+
+    ``classify(handled)`` adds each topic it published or rejected to ``handled``; when it
+    raises, every other topic of the batch is rejected with the error, and the error returned.
+    """
+    handled: set[str] = set()
+    try:
+        classify(handled)
+    except Exception as error:  # noqa: B902 - one bad batch must not stop the cameras
+        reason = f'internal error: {type(error).__name__}: {error}'
+        for topic in set(topics) - handled:
+            reject(topic, reason)
+        return error
+    return None
+
+
+class RateLimitedLog:
+    """
+    Say a message at once, then at most once per ``period_s`` per (key, message).
+
+    Bounded: reasons carry numbers (byte counts, sizes), so a camera sending ever-different
+    garbage would otherwise grow the table for ever. The oldest entries go first.
+    """
+
+    def __init__(self, period_s: float = 5.0, max_entries: int = 256) -> None:
+        self.period_s = period_s
+        self.max_entries = max_entries
+        self._last: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def should_log(self, key: str, message: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        entry = (key, message)
+        with self._lock:
+            last = self._last.get(entry)
+            if last is not None and now - last < self.period_s:
+                return False
+            self._last[entry] = now
+            self._last.move_to_end(entry)
+            while len(self._last) > self.max_entries:
+                self._last.popitem(last=False)
+        return True
 
 
 def model_config(values: dict[str, Any]) -> ModelConfig:
@@ -155,11 +253,17 @@ def model_config(values: dict[str, Any]) -> ModelConfig:
         trunk_weights=values['model.trunk_weights'])
 
 
-def engine_settings(values: dict[str, Any], camera_count: int) -> EngineSettings:
+def engine_settings(values: dict[str, Any], camera_count: int, *,
+                    compiled: bool) -> EngineSettings:
     """Build the engine settings from parameters: one batch holds one frame per camera."""
     return EngineSettings(device=values['device'], precision=values['precision'],
-                          compile_trunk=bool(values['compile']),
-                          max_batch=max(camera_count, 1))
+                          compile_trunk=compiled, max_batch=max(camera_count, 1))
+
+
+def stuck_after_s(silent_after_s: float) -> float:
+    """Return how long one batch may run before the worker counts as stuck."""
+    # Batches take milliseconds to a second; compiling never happens in the worker.
+    return max(10.0, 3.0 * silent_after_s)
 
 
 def choose_labels(checkpoint_labels: list[str], parameter_labels: list[str]) -> list[str]:
@@ -196,6 +300,8 @@ class CameraStats:
         self.received = self.classified = self.dropped_stale = self.rejected = 0
         self.last_reason = ''
         self.last_received_at: float | None = None
+        self._progress_at = time.monotonic()  # last frame handled, or when counting began
+        self._received_since_progress = 0
         self._latencies_ms: deque[float] = deque(maxlen=latency_window)
         self._window_start = time.monotonic()
         self._window_received = self._window_classified = self._window_rejected = 0
@@ -203,6 +309,7 @@ class CameraStats:
     def on_received(self) -> None:
         with self._lock:
             self.received += 1
+            self._received_since_progress += 1
             self._window_received += 1
             self.last_received_at = time.monotonic()
 
@@ -213,17 +320,28 @@ class CameraStats:
     def on_rejected(self, reason: str) -> None:
         with self._lock:
             self.rejected += 1
+            self._progress_at = time.monotonic()
+            self._received_since_progress = 0
             self._window_rejected += 1
             self.last_reason = reason
 
     def on_classified(self, latency_ms: float) -> None:
         with self._lock:
+            self._progress_at = time.monotonic()
+            self._received_since_progress = 0
             self.classified += 1
             self._window_classified += 1
             self._latencies_ms.append(latency_ms)
 
-    def snapshot(self, silent_after_s: float) -> dict[str, Any]:
-        """Return totals, rates since the last snapshot, latency percentiles and a level."""
+    def snapshot(self, silent_after_s: float, stalled_after_s: float | None = None,
+                 cause: str = '') -> dict[str, Any]:
+        """
+        Return totals, rates since the last snapshot, latency percentiles and a level.
+
+        Frames arriving with none classified for ``stalled_after_s`` (default
+        ``silent_after_s``) is an error, whatever the reason; ``cause`` names it when known.
+        """
+        stalled_after_s = silent_after_s if stalled_after_s is None else stalled_after_s
         with self._lock:
             now = time.monotonic()
             elapsed = max(now - self._window_start, 1e-6)
@@ -241,10 +359,18 @@ class CameraStats:
                 'latency_p50_ms': p50, 'latency_p95_ms': p95,
             }
             window_all_rejected = self._window_rejected > 0 and self._window_classified == 0
+            stalled_for = now - self._progress_at
+            stalled = (silent_for is not None and silent_for <= silent_after_s
+                       and self._received_since_progress > 0
+                       and stalled_for > stalled_after_s)
             self._window_start = now
             self._window_received = self._window_classified = self._window_rejected = 0
         if window_all_rejected:
             snap['level'], snap['message'] = 2, f'every frame rejected: {self.last_reason}'
+        elif stalled:
+            snap['level'] = 2
+            snap['message'] = (f'frames arrive but none classified for {stalled_for:.1f} s'
+                               + (f': {cause}' if cause else ''))
         elif silent_for is None:
             snap['level'], snap['message'] = 1, 'no frames received yet'
         elif silent_for > silent_after_s:
@@ -278,6 +404,12 @@ class LatestFrames:
         with self._condition:
             if not self._slots and not self._closed:
                 self._condition.wait(timeout_s)
+            slots, self._slots = self._slots, {}
+        return slots
+
+    def drain(self) -> dict[Hashable, Any]:
+        """Return and clear what is pending; waiting goes on as before."""
+        with self._condition:
             slots, self._slots = self._slots, {}
         return slots
 

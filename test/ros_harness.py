@@ -22,7 +22,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.srv import ChangeState, GetState
 import numpy as np
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-from rcl_interfaces.srv import SetParameters
+from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -73,7 +73,9 @@ class Harness:
         self.node = self.ros.node
         self._lock = threading.Lock()
         self.scenes: list[dict] = []
+        self.scene_arrivals: list[float] = []  # time.monotonic() of each scene
         self.statuses: dict[str, dict] = {}
+        self._get_state = self.node.create_client(GetState, f'{node_fqn}/get_state')
         self.node.create_subscription(String, f'{node_fqn}/scene', self._on_scene, 100)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
 
@@ -85,6 +87,7 @@ class Harness:
     def _on_scene(self, msg: String) -> None:
         with self._lock:
             self.scenes.append(json.loads(msg.data))
+            self.scene_arrivals.append(time.monotonic())
 
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         with self._lock:
@@ -156,6 +159,24 @@ class Harness:
                                              string_value=value)
         request = SetParameters.Request(parameters=[Parameter(name=name, value=parameter_value)])
         return self._call(SetParameters, f'{self.node_fqn}/set_parameters', request).results[0]
+
+    def get_parameter(self, name: str) -> Any:
+        """Return one parameter's value as plain Python, read through the node's service."""
+        reply = self._call(GetParameters, f'{self.node_fqn}/get_parameters',
+                           GetParameters.Request(names=[name]))
+        value = reply.values[0]
+        return {ParameterType.PARAMETER_STRING: value.string_value,
+                ParameterType.PARAMETER_BOOL: value.bool_value,
+                ParameterType.PARAMETER_INTEGER: value.integer_value,
+                ParameterType.PARAMETER_DOUBLE: value.double_value}.get(value.type)
+
+    def timed_get_state(self, timeout_s: float = 10.0) -> tuple[str, float]:
+        """Ask get_state on a long-lived client; return (state, seconds to the answer)."""
+        wait_for(self._get_state.service_is_ready, 30, 'the get_state service')
+        started = time.monotonic()
+        future = self._get_state.call_async(GetState.Request())
+        wait_for(future.done, timeout_s, 'a get_state answer')
+        return future.result().current_state.label, time.monotonic() - started
 
     def lifecycle_state(self) -> str:
         return self._call(GetState, f'{self.node_fqn}/get_state',

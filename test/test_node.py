@@ -1,12 +1,16 @@
 """The perception node in its own process, over real DDS (loopback only)."""
 
+from pathlib import Path
+import threading
 import time
 
+from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, save_checkpoint, seeded
 from lifecycle_msgs.msg import Transition
 import numpy as np
 import pytest
 from ros_harness import (
     Harness, image_message, jpeg_message, NodeProcess, ROOT, SMALL_MODEL, wait_for)
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -234,7 +238,7 @@ def test_missing_checkpoint_fails_configure_with_one_line_naming_the_file(tmp_pa
     node = start(tmp_path, '-p', 'model.checkpoint:=/nonexistent/scene_model.pt')
     try:
         wait_for(lambda: 'configure failed' in node.log(), 30, 'configure to fail')
-        assert "checkpoint not found: '/nonexistent/scene_model.pt'" in node.log()
+        assert "model.checkpoint '/nonexistent/scene_model.pt': file not found" in node.log()
         assert node.process.poll() is None  # the node keeps running, unconfigured
         assert harness.lifecycle_state() == 'unconfigured'
     finally:
@@ -249,3 +253,180 @@ def test_a_best_effort_camera_against_a_reliable_subscription_is_named(tmp_path,
                  'the incompatible-QoS warning')
     finally:
         assert node.stop() == 0
+
+
+# -- a node that never goes dark --------------------------------------------------------------
+
+TINY = ModelConfig(input_size=(64, 64), hidden_size=16, num_classes=3)
+
+
+def tiny_checkpoint(path, prefix: str, seed: int) -> str:
+    with seeded(seed):
+        model = CnnRnnClassifier(TINY)
+    save_checkpoint(path, model, labels=[f'{prefix}_{index}' for index in range(3)])
+    return str(path)
+
+
+class Streamer:
+    """A camera publishing at ``rate_hz`` in a thread, and a prober timing get_state."""
+
+    def __init__(self, harness, camera, rate_hz: float = 20.0) -> None:
+        self.harness, self.camera, self.period = harness, camera, 1.0 / rate_hz
+        self.stop = threading.Event()
+        self.state_seconds: list[float] = []
+        self.threads = [threading.Thread(target=self._stream),
+                        threading.Thread(target=self._probe)]
+        for thread in self.threads:
+            thread.start()
+
+    def _stream(self) -> None:
+        frame = pixels()
+        index = 0
+        while not self.stop.wait(self.period):
+            index += 1
+            self.camera.publish(image_message(frame, 'rgb8', 1000 + index * self.period, 'cam'))
+
+    def _probe(self) -> None:
+        while not self.stop.wait(0.1):
+            self.state_seconds.append(self.harness.timed_get_state()[1])
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def labels_seen(harness, since: int = 0) -> set:
+    return {scene['label'].split('_')[0] for scene in harness.scenes[since:]}
+
+
+def test_switching_checkpoints_while_a_camera_streams_never_goes_dark(tmp_path, harness):
+    first = tiny_checkpoint(tmp_path / 'first.pt', 'alpha', seed=1)
+    second = tiny_checkpoint(tmp_path / 'second.pt', 'beta', seed=2)
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(Path(first).read_bytes()[:-300])
+    # Its header is a valid checkpoint of TINY, its weights are another model's: only a full
+    # load finds out, in the background, while the running engine goes on.
+    payload = torch.load(first, weights_only=True)
+    with seeded(3):
+        payload['state_dict'] = CnnRnnClassifier(
+            ModelConfig(input_size=(64, 64), hidden_size=8, num_classes=3)).state_dict()
+    mismatched = tmp_path / 'mismatched.pt'
+    torch.save(payload, mismatched)
+
+    node = NodeProcess(tmp_path, '-p', f'model.checkpoint:={first}', '-p', 'compile:=false',
+                       '-p', 'device:=cpu', '-p', 'silent_after_s:=1.0')
+    streamer = None
+    try:
+        camera = harness.camera('/camera/image_raw')
+        harness.wait_subscribed(camera)
+        streamer = Streamer(harness, camera)
+        wait_for(lambda: 'alpha' in labels_seen(harness), 30, 'results of the first model')
+
+        refused = harness.set_parameter('model.checkpoint', str(truncated))
+        assert not refused.successful and 'truncated, or not a torch file' in refused.reason
+
+        mark = len(harness.scenes)
+        assert harness.set_parameter('model.checkpoint', str(mismatched)).successful
+        wait_for(lambda: 'reload failed' in node.log(), 30, 'the failed reload to be reported')
+        wait_for(lambda: harness.get_parameter('model.checkpoint') == first, 10,
+                 'model.checkpoint to be set back to the running checkpoint')
+        status = wait_for(lambda: (s := harness.camera_status('/camera/image_raw')) and
+                          'reload failed' in s['message'] and s, 10, 'a WARN in /diagnostics')
+        assert status['level'] == 1 and 'weights do not match' in status['message']
+        time.sleep(0.5)
+        assert labels_seen(harness, mark) == {'alpha'}, 'the old model stopped classifying'
+
+        mark = len(harness.scenes)
+        assert harness.set_parameter('model.checkpoint', second).successful
+        wait_for(lambda: 'beta' in labels_seen(harness, mark), 30, 'the second model to take over')
+        time.sleep(1.0)
+        streamer.close()
+        arrivals = harness.scene_arrivals[mark:]
+        gaps = np.diff(arrivals)
+        assert gaps.max() < 0.5, f'results stopped for {gaps.max():.2f} s around the swap'
+        labels = [scene['label'].split('_')[0] for scene in harness.scenes[mark:]]
+        assert labels == sorted(labels), 'the first model answered again after the swap'
+        assert max(streamer.state_seconds) < 1.0, max(streamer.state_seconds)
+        assert harness.lifecycle_state() == 'active'
+        counts = harness.counts('/camera/image_raw')
+        assert counts['received'] == (counts['classified'] + counts['dropped_stale']
+                                      + counts['rejected'] + counts['pending'])
+    finally:
+        if streamer is not None:
+            streamer.close()
+        assert node.stop() == 0, node.log()
+
+
+def test_lifecycle_and_parameter_services_answer_while_the_model_compiles(tmp_path, harness):
+    node = NodeProcess(tmp_path, '-p', 'compile:=true', '-p', 'model.input_size:=[64,64]',
+                       '-p', 'model.hidden_size:=16', '-p', 'device:=cpu')
+    try:
+        camera = harness.camera('/camera/image_raw')
+        harness.wait_subscribed(camera)
+        camera.publish(image_message(pixels(), 'rgb8', 1, 'cam'))
+        seconds = []
+        deadline = time.monotonic() + 60
+        while 'compiling' not in (harness.camera_status('/camera/image_raw') or {}).get(
+                'engine', '') and time.monotonic() < deadline:
+            seconds.append(harness.timed_get_state()[1])
+            time.sleep(0.05)
+        assert time.monotonic() < deadline, 'the engine never reported compiling'
+        # Frames are served by the eager engine while the compiled one is prepared.
+        wait_for(lambda: harness.scenes_for('/camera/image_raw'), 10, 'a result while compiling')
+        started = time.monotonic()
+        assert harness.set_parameter('top_k', 2).successful
+        seconds.append(time.monotonic() - started)
+        started = time.monotonic()
+        assert harness.change_state(Transition.TRANSITION_DEACTIVATE)  # mid-compile
+        seconds.append(time.monotonic() - started)
+        for _ in range(5):
+            seconds.append(harness.timed_get_state()[1])
+        assert harness.lifecycle_state() == 'inactive'
+        assert max(seconds) < 1.0, seconds
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+def test_startup_values_are_validated_and_a_failed_configure_is_an_error(tmp_path, harness):
+    node = start(tmp_path, '-p', 'qos.reliability:=Reliable')
+    try:
+        wait_for(lambda: 'configure failed' in node.log(), 30, 'configure to fail')
+        assert 'qos.reliability must be one of best_effort, reliable' in node.log()
+        status = wait_for(lambda: harness.statuses.get('/cnn_rnn_perception'), 10,
+                          'diagnostics of the unconfigured node')
+        assert status['level'] == 2 and 'qos.reliability' in status['message']
+        assert harness.lifecycle_state() == 'unconfigured'
+    finally:
+        assert node.stop() == 0
+
+
+def test_diagnostics_keep_coming_under_sim_time_without_a_clock(tmp_path, harness):
+    node = start(tmp_path, '-p', 'use_sim_time:=true')
+    try:
+        camera = harness.camera('/camera/image_raw')
+        harness.wait_subscribed(camera)
+        wait_for(lambda: harness.camera_status('/camera/image_raw'), 15,
+                 'diagnostics with use_sim_time and no /clock')
+    finally:
+        assert node.stop() == 0
+
+
+def test_a_model_too_slow_for_the_camera_is_reported_as_an_error(tmp_path, harness):
+    # resnet50 at 1024x1024 takes about 0.7 s a frame on two cores: frames keep arriving, results
+    # do not, and diagnostics must say so instead of OK.
+    node = NodeProcess(tmp_path, '-p', 'compile:=false', '-p', 'device:=cpu',
+                       '-p', 'model.backbone:=resnet50', '-p', 'model.input_size:=[1024,1024]',
+                       '-p', 'model.hidden_size:=16', '-p', 'silent_after_s:=0.3')
+    streamer = None
+    try:
+        camera = harness.camera('/camera/image_raw')
+        harness.wait_subscribed(camera)
+        streamer = Streamer(harness, camera, rate_hz=10.0)
+        status = wait_for(lambda: (s := harness.camera_status('/camera/image_raw')) and
+                          s['level'] == 2 and s, 60, 'an ERROR while frames go unclassified')
+        assert 'frames arrive but none classified for' in status['message']
+    finally:
+        if streamer is not None:
+            streamer.close()
+        assert node.stop() == 0, node.log()

@@ -2,11 +2,13 @@
 
 import importlib.util
 import threading
+import time
 
 from cnn_rnn_perception.engine import StageTimes
 from cnn_rnn_perception.node_config import (
-    CameraStats, choose_labels, LatestFrames, model_config, needs_reload, PARAMETERS,
-    scene_record, validate)
+    CameraStats, choose_labels, class_hypotheses, LatestFrames, model_config, needs_reload,
+    PARAMETERS, RateLimitedLog, run_supervised, scene_record, stamp_now, validate,
+    validate_startup)
 import pytest
 from ros_harness import ROOT
 import yaml
@@ -125,3 +127,92 @@ def test_scene_record_carries_the_source_header_results_and_stage_times():
                        'receive_to_publish': 4.0},
         'batch_size': 3}
     assert scene_record('/cam', (0, 0), '', [], times, 1.0)['label'] is None
+
+
+# -- start-up validation, reloads, ids, stamps, logs, supervision (issue: never go dark) --------
+
+def test_startup_values_pass_the_same_validation_as_live_ones():
+    assert validate_startup(dict(CURRENT)) is None
+    reason = validate_startup({**CURRENT, 'qos.reliability': 'Reliable'})
+    assert 'qos.reliability must be one of best_effort, reliable' in reason
+    assert 'image_topics has duplicates' in validate_startup(
+        {**CURRENT, 'image_topics': ['/cam', '/cam']})
+    assert 'read-only' not in (validate_startup({**CURRENT, 'autostart': False}) or '')
+
+
+def test_a_truncated_or_foreign_checkpoint_is_refused_before_anything_is_torn_down(tmp_path):
+    import torch
+    from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, save_checkpoint
+    good = tmp_path / 'good.pt'
+    save_checkpoint(good, CnnRnnClassifier(ModelConfig(input_size=(64, 64), hidden_size=4)))
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(good.read_bytes()[:-200])
+    foreign = tmp_path / 'foreign.pt'
+    torch.save({'weights': torch.zeros(2)}, foreign)
+    assert validate({'model.checkpoint': str(good)}, CURRENT) is None
+    reason = validate({'model.checkpoint': str(truncated)}, CURRENT)
+    assert 'truncated, or not a torch file' in reason
+    assert 'is not a cnn_rnn_perception checkpoint' in validate(
+        {'model.checkpoint': str(foreign)}, CURRENT)
+
+
+def test_a_gpu_the_machine_does_not_have_is_refused_with_the_count():
+    import torch
+    reason = validate({'device': f'cuda:{torch.cuda.device_count() + 2}'}, CURRENT)
+    assert reason is not None and 'CUDA' in reason
+
+
+def test_only_values_that_differ_from_the_running_engine_need_a_reload():
+    running = dict(CURRENT)
+    assert needs_reload({'model.pooling': 'mean'}, running) == ['model.pooling']
+    # Setting a value back to what runs (a failed reload's revert) needs nothing.
+    assert needs_reload({'model.pooling': running['model.pooling']}, running) == []
+    assert needs_reload({'top_k': 3}, running) == []
+
+
+def test_class_ids_are_the_label_map_indices_as_text():
+    labels = ['corridor', 'door', 'blocked']
+    assert class_hypotheses([('blocked', 0.7), ('corridor', 0.2)], labels) == [
+        ('2', 0.7), ('0', 0.2)]
+
+
+def test_messages_the_node_originates_never_carry_a_zero_stamp():
+    assert stamp_now(ros_now_ns=5_000, wall_ns=9_000) == 5_000
+    assert stamp_now(ros_now_ns=0, wall_ns=9_000) == 9_000  # sim time, no /clock yet
+
+
+def test_the_rejection_log_limiter_stays_bounded_whatever_the_reasons():
+    log = RateLimitedLog(period_s=5.0, max_entries=16)
+    for size in range(10_000):  # reasons that carry a number are all different
+        assert log.should_log('/cam', f'truncated image: {size} bytes', now=1.0)
+    assert len(log) == 16
+    assert not log.should_log('/cam', 'truncated image: 9999 bytes', now=2.0)
+    assert log.should_log('/cam', 'truncated image: 9999 bytes', now=6.5)
+
+
+def test_a_batch_that_raises_rejects_its_other_frames_and_the_worker_goes_on():
+    rejected = []
+
+    def classify(handled):
+        handled.add('/a')  # published before the failure
+        raise KeyError('boom')
+    error = run_supervised(classify, ['/a', '/b', '/c'], lambda t, r: rejected.append((t, r)))
+    assert isinstance(error, KeyError)
+    assert sorted(topic for topic, _ in rejected) == ['/b', '/c']
+    assert all(reason.startswith('internal error: KeyError') for _, reason in rejected)
+    assert run_supervised(lambda handled: None, ['/a'], lambda t, r: None) is None
+
+
+def test_frames_arriving_with_none_classified_is_an_error_naming_the_cause():
+    stats = CameraStats('/cam')
+    stats.on_received()
+    stats.on_classified(5.0)
+    assert stats.snapshot(silent_after_s=0.05)['level'] == 0
+    time.sleep(0.12)
+    stats.on_received()
+    stats.on_received()
+    snap = stats.snapshot(silent_after_s=0.05, stalled_after_s=0.1, cause='model loading')
+    assert snap['level'] == 2
+    assert 'none classified for' in snap['message'] and 'model loading' in snap['message']
+    stats.on_classified(5.0)
+    assert stats.snapshot(silent_after_s=1.0)['level'] == 0

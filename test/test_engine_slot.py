@@ -1,0 +1,85 @@
+"""The engine slot: background builds, one swap, failures that change nothing."""
+
+import threading
+import time
+
+from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
+from cnn_rnn_perception.engine_slot import EngineSlot, LoadedModel
+from cnn_rnn_perception.model import ModelConfig
+import numpy as np
+
+CONFIG = ModelConfig(input_size=(64, 64), hidden_size=8, num_classes=3)
+FRAME = np.full((48, 64, 3), 90, np.uint8)
+
+
+def factory(events, fail_on=(), delay_s=0.0):
+    def build(values, compiled):
+        events.append(('build', values['name'], compiled))
+        time.sleep(delay_s)
+        if values['name'] in fail_on:
+            raise RuntimeError(f'cannot build {values["name"]}')
+        engine = InferenceEngine.from_config(
+            CONFIG, labels=[f'{values["name"]}_{i}' for i in range(3)],
+            settings=EngineSettings(device='cpu', compile_trunk=False, warmup_iterations=1))
+        return LoadedModel(engine, engine.labels, values, compiled)
+    return build
+
+
+def ready_slot(events, **kwargs):
+    ready = threading.Event()
+    failures = []
+    slot = EngineSlot(factory(events, **kwargs), on_ready=lambda model: ready.set(),
+                      on_failed=lambda values, error: failures.append(str(error)))
+    return slot, ready, failures
+
+
+def test_the_old_engine_serves_until_the_new_one_is_ready_then_one_swap():
+    events = []
+    slot, ready, _ = ready_slot(events, delay_s=0.5)
+    slot.build({'name': 'a'}, compiled=False)
+    assert ready.wait(10) and slot.current.labels[0] == 'a_0'
+    first = slot.current
+    ready.clear()
+    slot.build({'name': 'b'}, compiled=False)
+    served = []
+    while not ready.is_set():  # the old engine answers throughout the build
+        with slot.borrow() as model:
+            served.append(model.engine.infer([FRAME])[0].label.split('_')[0])
+    # Old until the swap, then new: never a gap, never back.
+    switched = served.index('b') if 'b' in served else len(served)
+    assert switched > 0 and set(served[:switched]) == {'a'} and set(served[switched:]) <= {'b'}
+    assert slot.current.labels[0] == 'b_0' and slot.status == 'ready'
+    assert not hasattr(first.engine, '_model'), 'the replaced engine was not released'
+
+
+def test_a_failed_build_leaves_the_running_engine_and_reports_why():
+    events = []
+    slot, ready, failures = ready_slot(events, fail_on=('broken',))
+    slot.build({'name': 'a'}, compiled=False)
+    assert ready.wait(10)
+    slot.build({'name': 'broken'}, compiled=False)
+    assert slot.wait_idle(10)
+    assert failures == ['cannot build broken']
+    assert slot.status == 'failed: cannot build broken'
+    with slot.borrow() as model:
+        assert model.labels[0] == 'a_0' and model.engine.infer([FRAME])[0].label
+
+
+def test_a_compiled_build_serves_eager_first_and_a_newer_request_wins():
+    events = []
+    slot, ready, _ = ready_slot(events, delay_s=0.3)
+    slot.build({'name': 'a'}, compiled=True)
+    slot.build({'name': 'b'}, compiled=True)  # overtakes a before it is swapped in
+    assert slot.wait_idle(20)
+    assert slot.current.values['name'] == 'b' and slot.current.compiled
+    assert ('build', 'b', False) in events and ('build', 'b', True) in events
+    assert ('build', 'a', True) not in events
+
+
+def test_release_drops_the_engine_and_abandons_a_build_under_way():
+    events = []
+    slot, ready, _ = ready_slot(events, delay_s=0.5)
+    slot.build({'name': 'a'}, compiled=False)
+    slot.release()
+    assert slot.wait_idle(10)
+    assert slot.current is None and slot.status == 'empty'
