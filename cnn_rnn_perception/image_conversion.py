@@ -93,6 +93,21 @@ def _packed_pixels(msg: Any, channels: int, dtype: type) -> np.ndarray:
     return rows.reshape(height, width, channels)
 
 
+def scale_to_8_bits(pixels: np.ndarray) -> np.ndarray:
+    """
+    Scale a 16-bit frame from its own range to 0-255, as cv_bridge's dynamic scaling does.
+
+    Its minimum maps to 0 and its maximum to 255, rounded to nearest (OpenCV's convertTo
+    arithmetic); a homogeneous frame is scaled as the range [0, 2], as cv_bridge does.
+    """
+    low, high = float(pixels.min()), float(pixels.max())
+    if low == high:
+        low, high = 0.0, 2.0
+    alpha = 255.0 / (high - low)
+    scaled = cv2.convertScaleAbs(pixels, alpha=alpha, beta=-low * alpha)
+    return scaled.reshape(pixels.shape)
+
+
 def image_to_frame(msg: Any) -> tuple[np.ndarray, str]:
     """Convert a sensor_msgs/Image into (uint8 HxWxC frame, 'rgb' or 'bgr')."""
     encoding = msg.encoding
@@ -103,9 +118,7 @@ def image_to_frame(msg: Any) -> tuple[np.ndarray, str]:
         pixels = _packed_pixels(msg, 1, np.uint16)
         if encoding == 'mono16':
             return (pixels >> 8).astype(np.uint8), 'rgb'
-        low, high = int(pixels.min()), int(pixels.max())
-        scaled = (pixels.astype(np.float32) - low) * (255.0 / max(high - low, 1))
-        return scaled.astype(np.uint8), 'rgb'
+        return scale_to_8_bits(pixels), 'rgb'
     if encoding in _CONVERTED:
         channels, dtype = _CONVERTED[encoding]
         pixels = _packed_pixels(msg, channels, dtype)

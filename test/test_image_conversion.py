@@ -1,7 +1,7 @@
 """ROS image messages to engine frames: encodings, padding, byte order, bad input."""
 
 from cnn_rnn_perception.image_conversion import (
-    converter_name, ImageRejected, message_to_frame, SUPPORTED_ENCODINGS)
+    converter_name, ImageRejected, message_to_frame, scale_to_8_bits, SUPPORTED_ENCODINGS)
 import cv2
 import numpy as np
 import pytest
@@ -119,3 +119,19 @@ def test_every_required_encoding_is_supported_and_the_converter_is_named():
                 'yuv422_yuy2', 'bayer_rggb8', 'bayer_bggr8', 'bayer_gbrg8', 'bayer_grbg8'}
     assert required <= set(SUPPORTED_ENCODINGS)
     assert converter_name() in ('cv_bridge', 'rosbags-image')
+
+
+def test_16uc1_depth_maps_each_frames_range_onto_0_to_255_for_many_ranges():
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        low = int(rng.integers(0, 60000))
+        high = int(rng.integers(low + 1, 65536))
+        depth = rng.integers(low, high + 1, (6, 9), dtype=np.uint16)
+        depth.flat[0], depth.flat[1] = low, high
+        frame = scale_to_8_bits(depth)
+        assert frame.dtype == np.uint8 and frame.shape == depth.shape
+        assert frame.flat[0] == 0 and frame.flat[1] == 255, (low, high)
+        # Monotone, and within half a step of the exact value.
+        exact = (depth.astype(np.float64) - low) * 255.0 / (high - low)
+        assert np.abs(frame - exact).max() <= 0.5 + 1e-9
+    assert scale_to_8_bits(np.full((2, 2), 1, np.uint16)).max() == 128  # cv_bridge: [0, 2]
