@@ -194,8 +194,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.scenes:
         if len(args.bags) != 1:
             raise ValueError('--scenes scores one replay recording against one bag')
+        from cnn_rnn_perception.replay import parse_remaps
         result = score_scene_recording(args.scenes, args.bags[0], label_topic=args.label_topic,
-                                       labels_csv=args.labels_csv)
+                                       labels_csv=args.labels_csv,
+                                       remap=parse_remaps(args.remap))
     else:
         if not args.checkpoint:
             raise ValueError('evaluate needs --checkpoint (a trained model), or --scenes to '
@@ -457,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help='exit with code 1 when accuracy is below this')
     evaluate.add_argument('--scenes', metavar='FILE.jsonl', help="score a replay run's "
                           'recorded ~/scene output instead of running a model')
+    evaluate.add_argument('--remap', nargs='+', default=[], metavar='FROM:=TO',
+                          help='with --scenes: the remaps the replay was given, so scenes on '
+                               'a remapped topic find their frames in the bag')
     evaluate.add_argument('--compile', action='store_true', help='torch.compile the trunk')
     evaluate.add_argument('--no-progress', action='store_true', help='no progress bar')
     _add_engine_options(evaluate)

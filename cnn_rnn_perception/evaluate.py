@@ -54,10 +54,14 @@ class BadFrames:
         return sum(self.counts.values())
 
 
+# What a frame's label is when no class reached the node's score_threshold.
+NO_LABEL = '(none)'
+
+
 def score(truths: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
           ) -> dict[str, Any]:
     """Return accuracy, per-class precision/recall and the confusion matrix (rows: truth)."""
-    classes = list(labels) + sorted(set(truths) - set(labels))
+    classes = list(labels) + sorted((set(truths) | set(predicted)) - set(labels))
     index = {label: position for position, label in enumerate(classes)}
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
     for truth, guess in zip(truths, predicted):
@@ -159,6 +163,17 @@ class PredictionWriter:
 _DONE = object()
 
 
+def _put(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put ``item`` unless the consumer has stopped; a full queue then never blocks for ever."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _decode_bags(paths: Sequence[str], topics: Sequence[str] | None, label_topic: str | None,
                  labels_csv: str | None, out: queue.Queue, bad: BadFrames,
                  stop: threading.Event) -> None:
@@ -181,11 +196,12 @@ def _decode_bags(paths: Sequence[str], topics: Sequence[str] | None, label_topic
                         bad.add(item.topic, str(error))
                         continue
                     item.message = None  # the decoded frame is all that is needed now
-                    out.put((item, frame, order))
+                    if not _put(out, (item, frame, order), stop):
+                        return
     except BaseException as error:  # handed to the consumer, which raises it
-        out.put(error)
+        _put(out, error, stop)
     finally:
-        out.put(_DONE)
+        _put(out, _DONE, stop)
 
 
 def evaluate_bags(paths: Sequence[str], engine: InferenceEngine, *,
@@ -199,22 +215,27 @@ def evaluate_bags(paths: Sequence[str], engine: InferenceEngine, *,
     bad = BadFrames()
     frames: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     stop = threading.Event()
-    producer = threading.Thread(target=_decode_bags, daemon=True, args=(
+    producer = threading.Thread(target=_decode_bags, daemon=True, name='bag-reader', args=(
         list(paths), topics, label_topic, labels_csv, frames, bad, stop))
     writer = PredictionWriter(predictions_path)
     predictions: list[Prediction] = []
     engine_seconds = 0.0
-    # Compile (or capture) the batch size before the clock starts: throughput is steady state.
-    engine.warmup(batch_sizes=[batch_size])
-    started = time.perf_counter()
     producer.start()
     bar = tqdm(desc='evaluating', unit='frame', disable=not progress)
     try:
+        # Compile (or capture) at the shape the bag's frames really have, before the clock
+        # starts: throughput is steady state, not the first compile.
+        first = frames.get()
+        if isinstance(first, tuple):
+            engine.warmup(frame_shape=first[1].shape, batch_sizes=[batch_size],
+                          color_order=first[2])
+        waiting = [first]
+        started = time.perf_counter()
         finished = False
         while not finished:
             batch: list[tuple[BagFrame, np.ndarray, str]] = []
             while len(batch) < batch_size:
-                item = frames.get()
+                item = waiting.pop() if waiting else frames.get()
                 if item is _DONE:
                     finished = True
                     break
@@ -237,6 +258,7 @@ def evaluate_bags(paths: Sequence[str], engine: InferenceEngine, *,
             bar.update(len(batch))
     finally:
         stop.set()
+        producer.join(timeout=10.0)
         bar.close()
         writer.close()
     elapsed = time.perf_counter() - started
@@ -262,8 +284,14 @@ def _scores_of(predictions: Iterable[Prediction], labels: Sequence[str]) -> dict
 
 
 def score_scene_recording(scenes_path: str | Path, bag_path: str, *, label_topic: str | None,
-                          labels_csv: str | None = None) -> dict[str, Any]:
-    """Score a replay run's recorded ``~/scene`` JSONL against the bag's labels."""
+                          labels_csv: str | None = None,
+                          remap: dict[str, str] | None = None) -> dict[str, Any]:
+    """
+    Score a replay run's recorded ``~/scene`` JSONL against the bag's labels.
+
+    ``remap`` is what the replay was given (bag topic to published topic), so scenes on a
+    remapped topic find their frames in the bag.
+    """
     scenes_path = Path(scenes_path)
     if not scenes_path.is_file():
         raise BagError(f'scene recording not found: {str(scenes_path)!r}')
@@ -276,14 +304,23 @@ def score_scene_recording(scenes_path: str | Path, bag_path: str, *, label_topic
                                labels_by_stamp=sidecar is not None):
             if isinstance(item, BagFrame):
                 truths[(item.topic, item.stamp_ns)] = item.label
+    bag_topic = {published: recorded for recorded, published in (remap or {}).items()}
+    foreign = sorted({scene['topic'] for scene in scenes} - set(bag_topic)
+                     - {topic for topic, _ in truths})
+    if scenes and len(foreign) == len({scene['topic'] for scene in scenes}):
+        raise BagError(f'no scene is on a topic of {bag_path!r} (scenes on {foreign}); if the '
+                       'replay remapped topics, give the same --remap FROM:=TO here')
     predictions = []
     for scene in scenes:
         stamp_ns = scene['stamp']['sec'] * 1_000_000_000 + scene['stamp']['nanosec']
+        topic = bag_topic.get(scene['topic'], scene['topic'])
         predictions.append(Prediction(
-            bag=bag_path, topic=scene['topic'], stamp=stamp_ns * 1e-9,
-            frame_id=scene['frame_id'], label=scene['label'], score=scene['score'],
+            bag=bag_path, topic=topic, stamp=stamp_ns * 1e-9,
+            frame_id=scene['frame_id'],
+            label=scene['label'] if scene['label'] is not None else NO_LABEL,
+            score=scene['score'] if scene['score'] is not None else 0.0,
             top_k=[(entry['label'], entry['score']) for entry in scene['top_k']],
-            truth=truths.get((scene['topic'], stamp_ns))))
+            truth=truths.get((topic, stamp_ns))))
     seen_truths = {p.truth for p in predictions if p.truth is not None}
     class_names = sorted({p.label for p in predictions} | seen_truths)
     summary = {'bags': [bag_path], 'frames': len(predictions),

@@ -5,10 +5,13 @@ import os
 from pathlib import Path
 import subprocess
 import sys
+import threading
+import time
 
-from cnn_rnn_perception.bags import BadMessage, BagSource, BagWriter, Labels
+from cnn_rnn_perception.bags import BadMessage, BagError, BagSource, BagWriter, Labels
 from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
-from cnn_rnn_perception.evaluate import evaluate_bags, score
+from cnn_rnn_perception.evaluate import (
+    evaluate_bags, NO_LABEL, score, score_scene_recording)
 from cnn_rnn_perception.image_conversion import message_to_frame
 from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, save_checkpoint
 from cnn_rnn_perception.synthetic import camera_frame
@@ -168,3 +171,65 @@ def test_user_mistakes_with_bags_are_one_line_errors(tmp_path, checkpoint):
         assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr
     no_model = run('evaluate', str(bag_path))
     assert no_model.returncode == 2 and 'evaluate needs --checkpoint' in no_model.stderr
+
+
+# -- evaluate: the failure modes a user ran into -------------------------------------------------
+
+def scene_line(topic: str, stamp_ns: int, label) -> str:
+    return json.dumps({'topic': topic, 'stamp': {'sec': stamp_ns // SECOND,
+                                                 'nanosec': stamp_ns % SECOND},
+                       'frame_id': 'front', 'label': label, 'score': 0.9 if label else None,
+                       'top_k': [{'label': label, 'score': 0.9}] if label else []})
+
+
+def test_scene_scoring_counts_below_threshold_frames_as_misses_and_follows_remaps(tmp_path):
+    bag = write_scene_bag(tmp_path / 'bag', bad_frame=False)
+    stamps = [10 * SECOND + index * 100_000_000 for index in (6, 7, 8)]  # doorway_left
+    scenes = tmp_path / 'scenes.jsonl'
+    scenes.write_text('\n'.join([scene_line('/robot/front', stamps[0], 'doorway_left'),
+                                 scene_line('/robot/front', stamps[1], None),
+                                 scene_line('/robot/front', stamps[2], 'corridor')]) + '\n')
+    with pytest.raises(BagError, match='give the same --remap'):
+        score_scene_recording(scenes, str(bag), label_topic='/scene_label')
+    summary = score_scene_recording(scenes, str(bag), label_topic='/scene_label',
+                                    remap={'/front/image_raw': '/robot/front'})['summary']
+    assert summary['scored_frames'] == 3 and summary['accuracy'] == pytest.approx(1 / 3)
+    assert NO_LABEL in summary['labels']
+
+
+class FailingEngine(InferenceEngine):
+    """A real engine whose second batch fails, as a device error would."""
+
+    def infer(self, frames, **kwargs):
+        self.batches = getattr(self, 'batches', 0) + 1
+        if self.batches > 1:
+            raise RuntimeError('device lost')
+        return super().infer(frames, **kwargs)
+
+
+def test_an_inference_error_ends_evaluation_without_leaving_the_reader_blocked(
+        tmp_path, checkpoint):
+    bag = write_scene_bag(tmp_path / 'bag')
+    engine = FailingEngine.from_checkpoint(
+        checkpoint, EngineSettings(device='cpu', compile_trunk=False, max_batch=1,
+                                   warmup_iterations=0))
+    engine.batches = -10  # warm-up batches pass
+    with pytest.raises(RuntimeError, match='device lost'):
+        evaluate_bags([str(bag)], engine, batch_size=1, progress=False)
+    time.sleep(0.5)
+    assert not [t for t in threading.enumerate() if t.name == 'bag-reader']
+
+
+class ShapeRecordingEngine(InferenceEngine):
+    def warmup(self, frame_shape=None, batch_sizes=(1,), color_order='bgr'):
+        self.warmed = getattr(self, 'warmed', []) + [frame_shape]
+        return super().warmup(frame_shape, batch_sizes, color_order)
+
+
+def test_evaluate_warms_up_at_the_frame_shape_of_the_bag(tmp_path, checkpoint):
+    bag = write_scene_bag(tmp_path / 'bag', bad_frame=False)
+    engine = ShapeRecordingEngine.from_checkpoint(
+        checkpoint, EngineSettings(device='cpu', compile_trunk=False, max_batch=4))
+    evaluate_bags([str(bag)], engine, topics=['/front/image_raw'], batch_size=4,
+                  progress=False)
+    assert engine.warmed[-1][:2] == (120, 160)
