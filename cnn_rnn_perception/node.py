@@ -244,10 +244,11 @@ class PerceptionNode(LifecycleNode):
         return SUCCESS
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
-        """Start building the engine, subscribe to the cameras and start the worker."""
+        """Start building the engine and the worker; cameras are subscribed once it serves."""
+        # Subscribing only when an engine is in service means a camera's first frames are
+        # classified, not overwritten while the model loads.
         self._slot.build(self._values, compiled=bool(self._values['compile']))
         self._state = 'active'
-        self._subscribe_all()
         self._start_worker()
         return super().on_activate(state)
 
