@@ -29,7 +29,8 @@ requirements_of = $(if $(filter jazzy,$(1)),requirements-jazzy.txt,requirements.
 VENV := $(call venv_of,$(ROS_DISTRO))
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast bench lint clean $(addprefix test-,kilted jazzy)
+.PHONY: setup demo test test-fast bench lint clean wheelhouse gpu-check \
+	$(addprefix test-,kilted jazzy)
 
 setup: $(VENV)/.installed
 
@@ -69,5 +70,26 @@ bench: setup
 lint: setup
 	$(BIN)/python -m pytest test/test_flake8.py test/test_pep257.py
 
+# GPU verification. The GPU machine has Python 3.12 with torch but no package registry:
+#   here (with PyPI):      make wheelhouse    -> .whl/, the ROS cp312 wheels and rosbags (~50 MB)
+#   there (carry .whl/):   make gpu-check     -> gpu-report/ (or $$OUT): GPU tests, selftest,
+#                                               bench fp32/bf16 at batch 1,8,256, bench-node 1 and 4 cameras
+WHEELHOUSE ?= .whl
+GPU_PYTHON ?= python3
+wheelhouse: .venv/.installed
+	.venv/bin/python -m cnn_rnn_perception.gpu_check wheelhouse $(WHEELHOUSE)
+
+# A venv of the GPU image's own python that also sees that python's packages (torch, numpy,
+# OpenCV) through a .pth file: a --system-site-packages venv would not, since that python is
+# itself a venv. --no-deps: the wheelhouse is complete, and empy (build-only) is left out.
+gpu-check:
+	@test -d $(WHEELHOUSE) || { echo "$(WHEELHOUSE)/ is missing: run make wheelhouse on a machine with PyPI and bring it along"; exit 1; }
+	@test -x .venv-gpu/bin/python || $(GPU_PYTHON) -m venv .venv-gpu
+	@$(GPU_PYTHON) -c 'import site; print("\n".join(site.getsitepackages()))' \
+	  > $$(.venv-gpu/bin/python -c 'import site; print(site.getsitepackages()[0])')/gpu-image.pth
+	.venv-gpu/bin/python -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile $(WHEELHOUSE)/*.whl
+	.venv-gpu/bin/python -m pip install -q --disable-pip-version-check --no-index --no-deps --no-build-isolation -e .
+	AMENT_PREFIX_PATH=$(CURDIR)/.venv-gpu .venv-gpu/bin/python -m cnn_rnn_perception.gpu_check run --out $${OUT:-gpu-report}
+
 clean:
-	rm -rf .venv .venv-jazzy build install log *.egg-info
+	rm -rf .venv .venv-jazzy .venv-gpu build install log *.egg-info

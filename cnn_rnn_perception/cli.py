@@ -152,6 +152,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selftest(args: argparse.Namespace) -> int:
+    from cnn_rnn_perception.selftest import format_report, model_for_selftest, run_selftest
+
+    model, labels, preprocessing = model_for_selftest(args.checkpoint,
+                                                      _model_config(args, args.num_classes))
+    report = run_selftest(model, labels=labels, preprocessing=preprocessing, device=args.device,
+                          precision=args.precision, batch_sizes=args.batch_sizes,
+                          compile_trunk=not args.no_compile, progress=not args.no_progress)
+    print(format_report(report))
+    _write_json(args.json, report)
+    return 0 if report['passed'] else 1
+
+
 def _float_list(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(',') if part]
@@ -409,6 +422,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(bench)
     _add_model_options(bench)
     bench.set_defaults(handler=_bench)
+
+    selftest = commands.add_parser(
+        'selftest', help='check every engine path on this device against an fp32 reference',
+        description='Run the engine through every path it has on the device (eager, compiled, '
+                    'static buffers or CUDA graphs, carried recurrent state) on the same frames '
+                    '(mixed resolutions, channel counts and colour orders, and a uniform batch) '
+                    'at every batch size, compare each to the same weights in fp32 eager, and '
+                    'print path, largest probability difference, time per frame and peak '
+                    'memory. Exits 1 when a path disagrees beyond its tolerance (fp32 1e-4, '
+                    'fp16 1e-2, bf16 3e-2) or fails. Run it after installing, to trust a GPU.')
+    selftest.add_argument('--checkpoint', help='test this model (default: the model flags, '
+                                               'seeded random weights)')
+    selftest.add_argument('--batch-sizes', type=_int_list, default=list(range(1, 9)),
+                          metavar='N[,N...]', help='batch sizes to check (default: 1 to 8)')
+    selftest.add_argument('--num-classes', type=int, default=6)
+    selftest.add_argument('--no-compile', action='store_true',
+                          help='skip torch.compile (faster on a CPU, where it takes seconds '
+                               'per batch size)')
+    selftest.add_argument('--json', metavar='PATH',
+                          help='also write the report as JSON ("passed" and one entry a path)')
+    selftest.add_argument('--no-progress', action='store_true', help='no progress bar')
+    _add_engine_options(selftest)
+    _add_model_options(selftest)
+    selftest.set_defaults(handler=_selftest)
 
     bench_node = commands.add_parser(
         'bench-node', help='end-to-end latency of the running node (camera to ~/scene)',

@@ -7,8 +7,14 @@ time, everything on the host):
 - BatchNorm is folded into the convolutions, and the trunk runs in the chosen precision
   (bf16 or fp16 on a GPU) in channels-last layout, compiled with ``torch.compile``. The RNN
   and head stay in float32: reduced-precision LSTMs are where numerical trouble lives.
-- On a GPU the uint8 frame is uploaded from pinned memory and resized and normalised there;
-  the whole device path for a batch shape is captured once as a CUDA graph and replayed.
+- Every frame is resized on one path, whatever it is batched with: OpenCV on the host on a CPU;
+  on a GPU the uint8 frame is uploaded from pinned memory and resized and normalised there.
+- Static buffers per batch size: the model-size input, the probabilities and their host copy.
+  On a GPU the model (input to probabilities) is captured once per batch size as a CUDA graph
+  and replayed; the same buffer code runs on the CPU, with the model run eagerly instead of
+  replayed, so tests exercise it. Keys depend on the batch size alone, so a warm-up of the
+  batch sizes in use covers every camera resolution and colour order: nothing is compiled or
+  captured in the inference thread after it.
 - Frames from several cameras run as one batch; each keeps its own recurrent state on request.
 
 No ROS imports: the node, the tools and the tests all drive this directly.
@@ -22,14 +28,15 @@ from dataclasses import dataclass
 import logging
 import os
 import time
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 from cnn_rnn_perception.model import (
     CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing,
     RecurrentState, seeded)
 from cnn_rnn_perception.postprocess import top_k as top_k_labels
 from cnn_rnn_perception.preprocess import (
-    check_color_order, check_frame, frames_to_tensor_torch, frames_to_uint8_batch, normalisation)
+    check_color_order, check_frame, frames_to_tensor_torch, frames_to_uint8_batch,
+    normalisation, normalise_uint8_batch)
 import numpy as np
 import torch
 
@@ -49,6 +56,8 @@ class EngineSettings:
     channels_last: bool = True
     compile_trunk: bool = True
     cuda_graphs: bool = True
+    # None: static buffers where CUDA graphs replay them; True: on the CPU too (tests, selftest).
+    static_buffers: bool | None = None
     warmup_iterations: int = 2
     max_batch: int = 32
     carry_state: bool = False
@@ -182,31 +191,51 @@ def fold_batch_norm(trunk: torch.nn.Module) -> torch.nn.Module:
         return trunk
 
 
-class _CapturedPath:
-    """A CUDA graph of the whole device path for one batch shape, with its static buffers."""
+class _StaticPath:
+    """
+    The buffers of one batch size: model input, probabilities, and their host copy.
 
-    def __init__(self, run, host_input: torch.Tensor, device_input: torch.Tensor,
-                 warmup_iterations: int) -> None:
-        self.host_input = host_input
-        self.device_input = device_input
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(max(warmup_iterations, 1)):  # capture needs warmed-up kernels
-                run(device_input)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = run(device_input)
-        self.host_output = torch.empty(self.output.shape, dtype=self.output.dtype,
-                                       pin_memory=True)
+    On CUDA (with graphs) the forward pass is captured once and replayed; elsewhere ``run``
+    calls it eagerly on the same buffers. The buffers are made outside inference mode, as
+    ordinary tensors, and every write to them happens inside it: an inference-mode tensor
+    cannot be written outside inference mode, and ordinary ones can be written in both.
+    """
 
-    def replay(self) -> np.ndarray:
-        self.device_input.copy_(self.host_input, non_blocking=True)
-        self.graph.replay()
-        self.host_output.copy_(self.output, non_blocking=True)
-        torch.cuda.current_stream().synchronize()
-        return self.host_output.numpy()
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                 classes: int, *, capture: bool, warmup_iterations: int) -> None:
+        self.forward = forward
+        self.input = images
+        self.output = torch.zeros(images.shape[0], classes, device=images.device)
+        on_cuda = images.device.type == 'cuda'
+        self.host_output = (torch.empty(self.output.shape, pin_memory=True) if on_cuda
+                            else self.output)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        with torch.inference_mode():
+            if capture:
+                side = torch.cuda.Stream(device=images.device)
+                side.wait_stream(torch.cuda.current_stream(images.device))
+                with torch.cuda.stream(side):
+                    for _ in range(max(warmup_iterations, 1)):  # capture needs warm kernels
+                        self.output.copy_(forward(self.input))
+                torch.cuda.current_stream(images.device).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.output.copy_(forward(self.input))
+            else:
+                for _ in range(max(warmup_iterations, 1)):
+                    self.output.copy_(forward(self.input))
+
+    def run(self) -> np.ndarray:
+        """Run the model on ``input`` as it is now; return a copy of the probabilities."""
+        with torch.inference_mode():
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.output.copy_(self.forward(self.input))
+            if self.host_output is not self.output:
+                self.host_output.copy_(self.output, non_blocking=True)
+                torch.cuda.current_stream(self.output.device).synchronize()
+        return self.host_output.numpy().copy()
 
 
 class InferenceEngine:
@@ -230,8 +259,14 @@ class InferenceEngine:
         self.preprocessing = preprocessing
         self.device = resolve_device(settings.device)
         self.dtype = resolve_precision(settings.precision, self.device)
-        self._graphs: dict[tuple, _CapturedPath] = {}
-        self._warm: set[tuple] = set()
+        on_cuda = self.device.type == 'cuda'
+        self._capture = on_cuda and settings.cuda_graphs
+        self._use_static = (self._capture if settings.static_buffers is None
+                            else settings.static_buffers)
+        self._static: dict[int, _StaticPath] = {}
+        self._unbuffered: set[int] = set()  # batch sizes whose buffers ran out of memory
+        self._warm: set[int] = set()
+        self._staging: dict[tuple, torch.Tensor] = {}  # pinned host buffers, by batch shape
         self._states: dict[Hashable, RecurrentState] = {}
         try:
             self._prepare(model)
@@ -275,16 +310,65 @@ class InferenceEngine:
         if self.settings.compile_trunk:
             self._run_trunk = torch.compile(trunk, dynamic=False)
         self._offset, self._scale = normalisation(self.preprocessing, self.device)
+        self._memory_format = (torch.channels_last if self.settings.channels_last
+                               else torch.contiguous_format)
 
-    def _device_path(self, uint8_batch: torch.Tensor, color_order: str,
-                     state: RecurrentState | None = None
-                     ) -> tuple[torch.Tensor, RecurrentState]:
-        """Turn uploaded uint8 frames into probabilities, entirely on the device."""
-        images = frames_to_tensor_torch(uint8_batch, color_order, self.preprocessing,
-                                        self._offset, self._scale, self.dtype)
-        if not self.settings.channels_last:
-            images = images.contiguous()
-        feature_map = self._run_trunk(images).float()
+    def _device(self) -> contextlib.AbstractContextManager:
+        """Make ``self.device`` the current CUDA device: streams and syncs of cuda:N use it."""
+        if self.device.type == 'cuda':
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+    def _model_input(self, frames: list[np.ndarray], orders: list[str],
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Return frames as the normalised model input [B, 3, H, W] on the device, in ``out``.
+
+        One resize path per frame, whatever its batch: OpenCV on the CPU; torch bilinear on a
+        GPU, one upload and one resize per group of frames sharing a shape and colour order.
+        """
+        if self.device.type != 'cuda':
+            batch = torch.from_numpy(frames_to_uint8_batch(frames, orders, self.preprocessing))
+            images = normalise_uint8_batch(batch, self._offset, self._scale, self.dtype)
+            images = images.contiguous(memory_format=self._memory_format)
+            if out is None:
+                return images
+            return out.copy_(images)
+        if out is None:
+            out = torch.empty((len(frames), 3, *self.preprocessing.input_size),
+                              dtype=self.dtype, device=self.device
+                              ).contiguous(memory_format=self._memory_format)
+        groups: dict[tuple, list[int]] = {}
+        for index, (frame, order) in enumerate(zip(frames, orders)):
+            groups.setdefault((frame.shape, order), []).append(index)
+        for (shape, order), indices in groups.items():
+            staging = self._staging_buffer((len(indices), *shape))
+            np.stack([frames[i] for i in indices], out=staging.numpy())
+            uploaded = staging.to(self.device, non_blocking=True)
+            images = frames_to_tensor_torch(uploaded, order, self.preprocessing, self._offset,
+                                            self._scale, self.dtype)
+            if len(indices) == len(frames):
+                out.copy_(images)
+            else:
+                out[indices] = images
+        return out
+
+    def _staging_buffer(self, shape: tuple) -> torch.Tensor:
+        """Return a pinned host buffer of this shape, reused: pinning costs milliseconds."""
+        buffer = self._staging.get(shape)
+        if buffer is None:
+            if len(self._staging) >= 64:  # an unbounded mix of resolutions: start over
+                torch.cuda.current_stream(self.device).synchronize()
+                self._staging.clear()
+            buffer = self._staging[shape] = torch.empty(shape, dtype=torch.uint8,
+                                                        pin_memory=True)
+        return buffer
+
+    def _forward(self, images: torch.Tensor, state: RecurrentState | None = None
+                 ) -> tuple[torch.Tensor, RecurrentState]:
+        """Model input [B, 3, H, W] to probabilities [B, classes], entirely on the device."""
+        with compile_scope():
+            feature_map = self._run_trunk(images).float()
         model = self._model
         outputs, final_state = model.encode(model.to_sequence(feature_map), state)
         logits = model.head(model.pool(outputs, final_state))
@@ -300,12 +384,16 @@ class InferenceEngine:
         """
         Run the engine on blank frames so the first real frame pays no start-up costs.
 
-        ``frame_shape`` defaults to the model's input size with three channels; on a GPU each
-        (batch size, frame shape) gets its CUDA graph captured here.
+        Each batch size gets its compiled graph and its static buffers (on a GPU, its CUDA
+        graph) here; frame sizes and colour orders need no warm-up of their own.
+        ``frame_shape`` defaults to the model's input size with three channels.
         """
         frame_shape = frame_shape or (*self.preprocessing.input_size, 3)
         blank = np.zeros(frame_shape, dtype=np.uint8)
         for batch_size in batch_sizes:
+            if batch_size > self.settings.max_batch:
+                raise ValueError(f'cannot warm up batch size {batch_size}: max_batch is '
+                                 f'{self.settings.max_batch}')
             for _ in range(max(self.settings.warmup_iterations, 1)):
                 self.infer([blank] * batch_size, color_order=color_order)
 
@@ -342,9 +430,13 @@ class InferenceEngine:
                      streams: list[Hashable], k: int) -> list[Classification]:
         started = time.perf_counter()
         try:
-            probabilities, upload_done = self._probabilities(frames, orders, streams)
+            with self._device():
+                probabilities, upload_done = self._probabilities(frames, orders, streams)
         except torch.cuda.OutOfMemoryError as error:
-            self._graphs.clear()
+            # This batch size runs without static buffers from now on, so the next frames do
+            # not try (and fail) to capture again; other sizes keep theirs.
+            self._static.pop(len(frames), None)
+            self._unbuffered.add(len(frames))
             torch.cuda.empty_cache()
             raise RuntimeError(
                 f'CUDA out of memory at batch size {len(frames)} '
@@ -363,71 +455,48 @@ class InferenceEngine:
     def _probabilities(self, frames: list[np.ndarray], orders: list[str],
                        streams: list[Hashable]) -> tuple[np.ndarray, float]:
         """Return probabilities [B, classes] and the time the input reached the device."""
-        on_gpu = self.device.type == 'cuda'
-        uniform = (len({frame.shape for frame in frames}) == 1 and len(set(orders)) == 1
-                   and frames[0].shape[2] in (3, 4))
-        if on_gpu and uniform:
-            # Only the raw uint8 frames cross the bus; the GPU resizes them.
-            host = np.stack(frames)
-            order = orders[0]
-        else:
-            host = frames_to_uint8_batch(frames, orders, self.preprocessing)
-            order = self.preprocessing.color_order
-        key = (host.shape, order)
-        if on_gpu and self.settings.cuda_graphs and not self.settings.carry_state:
-            return self._replay(key, host)
+        size = len(frames)
+        if self._use_static and not self.settings.carry_state and size not in self._unbuffered:
+            path = self._static.get(size) or self._make_static(size)
+            with torch.inference_mode():
+                self._model_input(frames, orders, out=path.input)
+            uploaded = time.perf_counter()
+            return path.run(), uploaded
         state = self._gather_state(streams) if self.settings.carry_state else None
-        batch = torch.from_numpy(host)
-        if on_gpu:
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        uploaded = time.perf_counter()
         with torch.inference_mode():
-            probabilities, final_state = self._run_compiled(batch, order, state, key)
+            images = self._model_input(frames, orders)
+            uploaded = time.perf_counter()
+            probabilities, final_state = self._run_compiled(images, state, size)
             result = probabilities.float().cpu().numpy()
         if self.settings.carry_state:
             self._store_state(streams, final_state)
         return result, uploaded
 
-    def _run_compiled(self, batch: torch.Tensor, order: str, state: RecurrentState | None,
-                      key: tuple) -> tuple[torch.Tensor, RecurrentState]:
-        """Run the device path; a compile failure on a new shape falls back to eager once."""
-        if key in self._warm or self._run_trunk is self._trunk:
-            with compile_scope():
-                return self._device_path(batch, order, state)
+    def _run_compiled(self, images: torch.Tensor, state: RecurrentState | None,
+                      size: int) -> tuple[torch.Tensor, RecurrentState]:
+        """Run the model; a compile failure on a new batch size falls back to eager once."""
+        if size in self._warm or self._run_trunk is self._trunk:
+            return self._forward(images, state)
         try:
-            with compile_scope():
-                outputs = self._device_path(batch, order, state)
+            outputs = self._forward(images, state)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as error:  # inductor/triton failures have no common base class
             self._fall_back_to_eager(error)
-            outputs = self._device_path(batch, order, state)
-        self._warm.add(key)
+            outputs = self._forward(images, state)
+        self._warm.add(size)
         return outputs
 
-    def _replay(self, key: tuple, host: np.ndarray) -> tuple[np.ndarray, float]:
-        path = self._graphs.get(key)
-        if path is None:
-            path = self._capture(key, host)
-        np.copyto(path.host_input.numpy(), host)
-        uploaded = time.perf_counter()
-        return path.replay().copy(), uploaded
-
-    def _capture(self, key: tuple, host: np.ndarray) -> _CapturedPath:
-        shape, order = key
-        host_input = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-        device_input = torch.zeros(shape, dtype=torch.uint8, device=self.device)
-
-        def run(batch: torch.Tensor) -> torch.Tensor:
-            with compile_scope():
-                return self._device_path(batch, order)[0]
-
+    def _make_static(self, size: int) -> _StaticPath:
+        images = torch.zeros((size, 3, *self.preprocessing.input_size), dtype=self.dtype,
+                             device=self.device).contiguous(memory_format=self._memory_format)
         with torch.inference_mode():
-            # Compile (or fall back) outside the capture; capture replays known kernels only.
-            self._run_compiled(device_input, order, None, key)
-            path = _CapturedPath(run, host_input, device_input,
-                                 self.settings.warmup_iterations)
-        self._graphs[key] = path
+            # Compile (or fall back) before any capture: capture replays known kernels only.
+            self._run_compiled(images, None, size)
+        path = _StaticPath(lambda batch: self._forward(batch)[0], images,
+                           self.config.num_classes, capture=self._capture,
+                           warmup_iterations=self.settings.warmup_iterations)
+        self._static[size] = path
         return path
 
     # -- per-stream recurrent state ----------------------------------------------------------
@@ -470,8 +539,8 @@ class InferenceEngine:
         words += [config.pooling, f'{config.input_size[0]}x{config.input_size[1]}',
                   f'on {self.device}', precision_name(self.dtype)]
         words += ['compiled'] if self._compiled else []
-        if self.device.type == 'cuda' and self.settings.cuda_graphs:
-            words.append('cuda-graphs')
+        if self._use_static:
+            words.append('cuda-graphs' if self._capture else 'static-buffers')
         return ' '.join(words)
 
     @property
@@ -480,7 +549,8 @@ class InferenceEngine:
 
     def close(self) -> None:
         """Release the model and every captured graph; GPU memory returns to the pool."""
-        self._graphs.clear()
+        self._static.clear()
+        self._staging.clear()
         self._states.clear()
         for name in ('_model', '_trunk', '_run_trunk', '_offset', '_scale'):
             if hasattr(self, name):

@@ -118,16 +118,18 @@ def frames_to_tensor_torch(batch: torch.Tensor, color_order: str, preprocessing:
                            offset: torch.Tensor, scale: torch.Tensor,
                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """
-    Device path: a uint8 [B, H, W, C] batch (C of 3 or 4, one colour order) to model input.
+    Device path: a uint8 [B, H, W, C] batch (C of 1, 3 or 4, one colour order) to model input.
 
-    Every op is a torch kernel with static shapes, so the whole function can be captured in a
-    CUDA graph.
+    Grey is replicated to three channels and alpha dropped, as the OpenCV path does. Every op
+    is a torch kernel with static shapes, so the whole function can be captured in a CUDA graph.
     """
     images = batch[..., :3].permute(0, 3, 1, 2).float()
-    if color_order != preprocessing.color_order:
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    elif color_order != preprocessing.color_order:
         images = images.flip(1)
     if tuple(images.shape[2:]) != tuple(preprocessing.input_size):
         images = F.interpolate(images, size=preprocessing.input_size, mode='bilinear',
                                align_corners=False, antialias=False)
-    images = images.sub_(offset).mul_(scale)
+    images = (images - offset) * scale
     return images.to(dtype=dtype, memory_format=torch.channels_last)

@@ -254,3 +254,78 @@ def test_from_config_builds_the_same_model_for_the_same_seed():
                                                  seed=3) for _ in range(2))
     np.testing.assert_array_equal(first.infer(frames)[0].probabilities,
                                   second.infer(frames)[0].probabilities)
+
+
+# -- the GPU path's structure, exercised on the CPU ------------------------------------------
+
+STATIC_CPU = EngineSettings(device='cpu', compile_trunk=False, static_buffers=True,
+                            warmup_iterations=1, max_batch=4)
+
+
+def test_static_buffers_run_on_the_cpu_and_agree_with_eager_across_replays():
+    """The captured path's buffer code, with the graph replay replaced by an eager call."""
+    static = engine(STATIC_CPU)
+    assert 'static-buffers' in static.describe()
+    for seed in range(3):  # each call refills the same buffers: no stale input or output
+        frames = camera_frames(2, seed=seed)
+        got = np.stack([r.probabilities for r in static.infer(frames)])
+        np.testing.assert_allclose(got, reference_probabilities(frames), atol=1e-5)
+    assert set(static._static) == {1, 2}
+
+
+def test_a_frame_gets_the_same_answer_alone_or_batched_with_another_resolution():
+    front = camera_frames(1, shape=(480, 640, 3), seed=1)[0]
+    side = camera_frames(1, shape=(240, 320, 4), seed=2)[0]
+    for settings in (EAGER_CPU, STATIC_CPU):
+        tested = engine(settings)
+        alone = tested.infer([front], color_order='bgr')[0].probabilities
+        mixed = tested.infer([front, side], color_order=['bgr', 'rgb'])
+        np.testing.assert_allclose(mixed[0].probabilities, alone, atol=1e-6)
+        assert not np.allclose(mixed[1].probabilities, alone)
+
+
+@pytest.mark.slow
+def test_after_warm_up_no_resolution_or_colour_order_compiles_again():
+    from torch._dynamo.utils import counters
+    compiled = engine(EngineSettings(device='cpu', compile_trunk=True, static_buffers=True,
+                                     warmup_iterations=1, max_batch=3))
+    compiled.warmup(batch_sizes=[1, 2, 3])
+    graphs = counters['stats']['unique_graphs']
+    frames = [camera_frames(1, shape=shape, seed=i)[0] for i, shape in
+              enumerate([(480, 640, 3), (120, 160, 1), (720, 1280, 4)])]
+    for count in (1, 2, 3):
+        compiled.infer(frames[:count], color_order=['rgb', 'bgr', 'bgr'][:count])
+    assert counters['stats']['unique_graphs'] == graphs, 'a shape compiled after warm-up'
+
+
+def test_warming_up_beyond_max_batch_is_refused():
+    with pytest.raises(ValueError, match='max_batch is 4'):
+        engine(STATIC_CPU).warmup(batch_sizes=[5])
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cuda_graphs_replay_and_survive_mixed_batches():
+    gpu = engine(EngineSettings(device='cuda', precision='fp32', max_batch=3))
+    assert 'cuda-graphs' in gpu.describe()
+    gpu.warmup(batch_sizes=[1, 2, 3])
+    captured = dict(gpu._static)
+    frames = camera_frames(3, seed=4)
+    for _ in range(3):  # replays after capture: the inference-tensor bug died here
+        got = np.stack([r.probabilities for r in gpu.infer(frames)])
+    mixed = gpu.infer([frames[0], camera_frames(1, shape=(240, 320, 1))[0]],
+                      color_order=['bgr', 'rgb'])
+    np.testing.assert_allclose(mixed[0].probabilities, got[0], atol=1e-4)
+    assert gpu._static == captured, 'a batch captured a graph after warm-up'
+    reference = reference_probabilities(frames)
+    assert relative_error(centred_log(got), centred_log(reference)) < 2e-3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two CUDA devices')
+@pytest.mark.gpu
+def test_an_engine_on_the_second_gpu_runs_there():
+    gpu = engine(EngineSettings(device='cuda:1', precision='fp32'))
+    frames = camera_frames(2)
+    got = np.stack([r.probabilities for r in gpu.infer(frames)])
+    assert torch.cuda.current_device() == 0
+    assert relative_error(centred_log(got), centred_log(reference_probabilities(frames))) < 2e-3

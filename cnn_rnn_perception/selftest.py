@@ -1,0 +1,199 @@
+"""
+selftest: every path the engine has on a device, on the same frames, against one reference.
+
+What a robot owner runs after installing, to trust their GPU (or CPU) setup. The reference is
+the same weights in float32, eager, without static buffers, on the same device. Each path
+(eager, compiled, static buffers or CUDA graphs, carried recurrent state) classifies the same
+frames, mixed resolutions and colour orders and a uniform batch, at every batch size asked for;
+its largest absolute probability difference from the reference must stay within its
+precision's tolerance. A path that raises fails too, with its error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+import time
+from typing import Sequence
+
+from cnn_rnn_perception.bench import (
+    _gpu_peak_mb, _reset_gpu_peak, machine_description, PeakRss, render_table)
+from cnn_rnn_perception.engine import (
+    EngineSettings, InferenceEngine, precision_name, resolve_device, resolve_precision)
+from cnn_rnn_perception.model import (
+    CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing, seeded)
+from cnn_rnn_perception.synthetic import camera_frame
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+# Largest absolute difference of any class probability from the float32 eager reference.
+# fp32 differs only by summation order (compiled kernels, batched GEMMs). The reduced-precision
+# bounds come from the trunk's rounding (bf16 keeps 8 bits of mantissa, fp16 11); the RNN and
+# head run in float32 either way.
+TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2, 'bf16': 3e-2}
+
+
+@dataclass
+class PathResult:
+    """One path's agreement with the reference, its speed and memory."""
+
+    path: str
+    precision: str
+    batch_sizes: list[int]
+    max_abs_diff: float | None
+    tolerance: float
+    ms_per_frame: float | None
+    peak_memory_mb: float | None
+    memory_kind: str
+    passed: bool
+    error: str = ''
+
+
+def selftest_frames(count: int = 8) -> tuple[list[np.ndarray], list[str]]:
+    """Return frames of mixed sizes, channel counts and colour orders, deterministic."""
+    shapes = [(480, 640, 3, 'bgr'), (240, 320, 3, 'rgb'), (720, 1280, 4, 'bgr'),
+              (120, 160, 1, 'rgb'), (480, 640, 4, 'rgb'), (96, 128, 3, 'bgr')]
+    frames, orders = [], []
+    for index in range(count):
+        height, width, channels, order = shapes[index % len(shapes)]
+        frame = camera_frame(height, width, seed=100 + index)
+        if channels == 1:
+            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)[:, :, None]
+        elif channels == 4:
+            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2BGRA)
+        if order == 'rgb' and channels != 1:
+            frame = np.ascontiguousarray(frame[..., [2, 1, 0, *range(3, channels)]])
+        frames.append(frame)
+        orders.append(order)
+    return frames, orders
+
+
+def _paths(settings: EngineSettings, on_cuda: bool, compile_trunk: bool
+           ) -> list[tuple[str, EngineSettings]]:
+    eager = replace(settings, compile_trunk=False, static_buffers=False, cuda_graphs=False)
+    paths = [('eager', eager)]
+    if compile_trunk:
+        paths.append(('compiled', replace(eager, compile_trunk=True)))
+    static = replace(eager, compile_trunk=compile_trunk, static_buffers=True,
+                     cuda_graphs=on_cuda)
+    paths.append(('cuda graphs' if on_cuda else 'static buffers', static))
+    paths.append(('carried state', replace(eager, compile_trunk=compile_trunk,
+                                           carry_state=True)))
+    return paths
+
+
+def run_selftest(model: CnnRnnClassifier, *, labels: Sequence[str],
+                 preprocessing: Preprocessing, device: str = 'auto', precision: str = 'auto',
+                 batch_sizes: Sequence[int] = tuple(range(1, 9)), compile_trunk: bool = True,
+                 repeats: int = 3, progress: bool = True) -> dict:
+    """Run every path; return a report with ``passed`` and one entry per path."""
+    torch_device = resolve_device(device)
+    dtype_name = precision_name(resolve_precision(precision, torch_device))
+    largest = max(batch_sizes)
+    frames, orders = selftest_frames(max(largest, 6))
+    # A uniform batch too: one upload and one resize for all its frames on a GPU.
+    uniform = [camera_frame(480, 640, seed=200 + i) for i in range(largest)]
+    base = EngineSettings(device=device, precision=dtype_name, max_batch=largest,
+                          warmup_iterations=1)
+
+    reference_settings = replace(base, precision='fp32', compile_trunk=False,
+                                 static_buffers=False, cuda_graphs=False)
+    with InferenceEngine(model, labels=labels, preprocessing=preprocessing,
+                         settings=reference_settings) as reference:
+        want = {id(frame): reference.infer([frame], color_order=order)[0].probabilities
+                for frame, order in zip(frames + uniform, orders + ['bgr'] * len(uniform))}
+    with InferenceEngine(model, labels=labels, preprocessing=preprocessing,
+                         settings=replace(reference_settings, carry_state=True)) as reference:
+        # One stream, each frame starting from the state the one before left.
+        carried_want = [reference.infer([frame], color_order=order,
+                                        streams=['camera'])[0].probabilities
+                        for frame, order in zip(frames, orders)]
+
+    results = []
+    paths = _paths(base, torch_device.type == 'cuda', compile_trunk)
+    for name, settings in tqdm(paths, desc='selftest', unit='path', disable=not progress):
+        results.append(_check_path(name, settings, model, labels, preprocessing, frames, orders,
+                                   uniform, want, carried_want, batch_sizes, repeats,
+                                   torch_device))
+    return {'passed': all(result.passed for result in results), 'device': str(torch_device),
+            'precision': dtype_name, 'model': f'{model.config.backbone} '
+            f'{model.config.sequence} {model.config.rnn} {model.config.input_size}',
+            'batch_sizes': list(batch_sizes), 'machine': machine_description(torch_device),
+            'paths': [asdict(result) for result in results]}
+
+
+def _check_path(name: str, settings: EngineSettings, model: CnnRnnClassifier,
+                labels: Sequence[str], preprocessing: Preprocessing, frames: list[np.ndarray],
+                orders: list[str], uniform: list[np.ndarray], want: dict,
+                carried_want: list[np.ndarray], batch_sizes: Sequence[int], repeats: int,
+                device) -> PathResult:
+    tolerance = TOLERANCE[settings.precision]
+    memory_kind = 'gpu allocated' if device.type == 'cuda' else 'process rss'
+    _reset_gpu_peak(device)
+    seconds, count, worst = 0.0, 0, 0.0
+    try:
+        with PeakRss() as rss, InferenceEngine(model, labels=labels, preprocessing=preprocessing,
+                                               settings=settings) as engine:
+            if settings.carry_state:
+                got = [engine.infer([frame], color_order=order, streams=['camera'])[0]
+                       for frame, order in zip(frames, orders)]
+                worst = max(float(np.abs(result.probabilities - expected).max())
+                            for result, expected in zip(got, carried_want))
+                started = time.perf_counter()
+                for frame, order in zip(frames, orders):
+                    engine.infer([frame], color_order=order, streams=['timed'])
+                seconds, count = time.perf_counter() - started, len(frames)
+            else:
+                engine.warmup(batch_sizes=list(batch_sizes))
+                for size in batch_sizes:
+                    for batch, batch_orders in ((frames[:size], orders[:size]),
+                                                (uniform[:size], ['bgr'] * size)):
+                        for _ in range(repeats):
+                            started = time.perf_counter()
+                            got = engine.infer(batch, color_order=batch_orders)
+                            seconds += time.perf_counter() - started
+                            count += size
+                        worst = max(worst, max(
+                            float(np.abs(result.probabilities - want[id(frame)]).max())
+                            for result, frame in zip(got, batch)))
+        peak = _gpu_peak_mb(device) if device.type == 'cuda' else rss.peak_bytes / 2**20
+        return PathResult(name, settings.precision, list(batch_sizes), worst, tolerance,
+                          seconds * 1e3 / max(count, 1), peak, memory_kind,
+                          passed=worst <= tolerance)
+    except Exception as error:  # a path that cannot run fails the selftest, with the reason
+        return PathResult(name, settings.precision, list(batch_sizes), None, tolerance, None,
+                          None, memory_kind, passed=False,
+                          error=f'{type(error).__name__}: {error}')
+
+
+def format_report(report: dict) -> str:
+    """Render the report as a table and a verdict line."""
+    rows = []
+    for path in report['paths']:
+        difference = ('-' if path['max_abs_diff'] is None
+                      else f'{path["max_abs_diff"]:.2e}')
+        rows.append((path['path'], path['precision'], difference, f'{path["tolerance"]:.0e}',
+                     '-' if path['ms_per_frame'] is None else f'{path["ms_per_frame"]:.2f}',
+                     '-' if path['peak_memory_mb'] is None else f'{path["peak_memory_mb"]:.0f}',
+                     'ok' if path['passed'] else 'FAIL ' + path['error']))
+    memory = report['paths'][0]['memory_kind'] if report['paths'] else 'memory'
+    machine = report['machine']
+    lines = [f'selftest on {report["device"]} ({machine.get("gpu") or machine["cpu"]}), '
+             f'torch {machine["torch"]}, {report["model"]}, batch sizes '
+             f'{report["batch_sizes"]}; reference: the same weights in fp32, eager', '']
+    lines += render_table(('path', 'precision', 'max |p - reference|', 'tolerance', 'ms/frame',
+                           f'peak MB ({memory})', 'result'), rows)
+    lines += ['', 'PASSED: every path agrees with the reference' if report['passed']
+              else 'FAILED: see the rows marked FAIL']
+    return '\n'.join(lines)
+
+
+def model_for_selftest(checkpoint: str | None, config: ModelConfig
+                       ) -> tuple[CnnRnnClassifier, list[str], Preprocessing]:
+    """Load a checkpoint, or build ``config`` with seeded random weights."""
+    if checkpoint:
+        loaded = load_checkpoint(checkpoint)
+        return loaded.model, loaded.labels, loaded.preprocessing
+    with seeded(0):
+        model = CnnRnnClassifier(config).eval()
+    return model, default_labels(config.num_classes), Preprocessing.for_config(config)
