@@ -227,7 +227,9 @@ def evaluate_bags(paths: Sequence[str], engine: InferenceEngine, *,
         # starts: throughput is steady state, not the first compile.
         first = frames.get()
         if isinstance(first, tuple):
-            engine.warmup(frame_shape=first[1].shape, batch_sizes=[batch_size],
+            # infer splits batches larger than max_batch: that is the batch the model runs.
+            engine.warmup(frame_shape=first[1].shape,
+                          batch_sizes=[min(batch_size, engine.settings.max_batch)],
                           color_order=first[2])
         waiting = [first]
         started = time.perf_counter()
