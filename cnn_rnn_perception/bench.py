@@ -12,12 +12,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 import os
 import platform
+import tempfile
 import threading
 import time
 from typing import Callable, Sequence
 
-from cnn_rnn_perception.engine import EngineSettings, InferenceEngine, resolve_device
-from cnn_rnn_perception.model import CnnRnnClassifier, default_labels, ModelConfig, Preprocessing
+from cnn_rnn_perception.engine import (
+    EngineBase, EngineSettings, InferenceEngine, resolve_device)
+from cnn_rnn_perception.model import (
+    CnnRnnClassifier, default_labels, ModelConfig, Preprocessing, save_checkpoint, seeded)
 from cnn_rnn_perception.synthetic import camera_frames
 import cv2
 import numpy as np
@@ -38,6 +41,7 @@ class BenchRow:
     peak_rss_mb: float
     peak_gpu_mb: float | None
     speedup: float = 1.0
+    max_abs_diff: float | None = None  # probabilities against the seed's way (fp32 eager)
 
 
 class PeakRss:
@@ -140,8 +144,8 @@ def run_benchmark(config: ModelConfig, *, settings: EngineSettings,
                   iterations: int = 50, warmup: int = 5, progress: bool = True,
                   seed: int = 0) -> dict[str, object]:
     """Measure seed style and engine on the same weights and frames; return a report dict."""
-    torch.manual_seed(seed)
-    model = CnnRnnClassifier(config, load_pretrained=False).eval()
+    with seeded(seed):
+        model = CnnRnnClassifier(config, load_pretrained=False).eval()
     preprocessing = Preprocessing.for_config(config)
     labels = default_labels(config.num_classes)
     frames = camera_frames(max(max(batch_sizes), 8), *frame_size, seed=seed)
@@ -186,6 +190,78 @@ def run_benchmark(config: ModelConfig, *, settings: EngineSettings,
             'iterations': iterations, 'rows': [asdict(row) for row in rows]}
 
 
+def run_backend_comparison(config: ModelConfig, *, settings: EngineSettings,
+                           backends: Sequence[str], frame_size: tuple[int, int] = (480, 640),
+                           batch_sizes: Sequence[int] = (1,), rounds: int = 10,
+                           calls_per_round: int = 5, progress: bool = True,
+                           seed: int = 0) -> dict[str, object]:
+    """
+    Time the seed's way and every backend in one interleaved run, with parity per row.
+
+    Rounds alternate between the paths (``calls_per_round`` calls each), so a noisy neighbour
+    or a clock change hits all of them alike instead of whichever ran last.
+    """
+    from cnn_rnn_perception.engine import create_engine
+
+    with seeded(seed):
+        model = CnnRnnClassifier(config, load_pretrained=False).eval()
+    preprocessing = Preprocessing.for_config(config)
+    labels = default_labels(config.num_classes)
+    frames = camera_frames(max(max(batch_sizes), 8), *frame_size, seed=seed)
+    device = resolve_device(settings.device)
+    classify = seed_style_classifier(model, preprocessing, device)
+    reference = [classify(frame) for frame in frames]
+    rows: list[BenchRow] = []
+    with PeakRss() as rss, tempfile.TemporaryDirectory() as folder:
+        checkpoint = f'{folder}/model.pt'
+        save_checkpoint(checkpoint, model, labels=labels, preprocessing=preprocessing)
+        engines = {}
+        for backend in backends:
+            engines[backend] = create_engine(checkpoint, replace(
+                settings, backend=backend, max_batch=max(batch_sizes)))
+            engines[backend].warmup(frames[0].shape, list(batch_sizes))
+        for size in batch_sizes:
+            # (row name, one call at a frame offset, the engine or None for the seed's way)
+            paths: list[tuple[str, Callable[[int], object], EngineBase | None]] = []
+            if size == 1:
+                paths.append(('seed style (fp32 eager, OpenCV)',
+                              lambda offset: classify(frames[offset % len(frames)]), None))
+            for backend, engine in engines.items():
+                description = engine.describe()
+                paths.append((description if description.startswith(backend)
+                              else f'{backend} {description}',
+                              lambda offset, engine=engine, size=size: engine.infer(
+                                  [frames[(offset + i) % len(frames)] for i in range(size)]),
+                              engine))
+            times: list[list[float]] = [[] for _ in paths]
+            for round_index in tqdm(range(rounds), desc=f'interleaved rounds, batch {size}',
+                                    disable=not progress, leave=False):
+                for samples, (_, call, _) in zip(times, paths):
+                    for call_index in range(calls_per_round):
+                        started = time.perf_counter()
+                        call(round_index * calls_per_round + call_index)
+                        samples.append(time.perf_counter() - started)
+            for samples, (name, _, engine) in zip(times, paths):
+                row = _row(name, size, np.array(samples) * 1e3, rss, None)
+                got = ([classify(frame) for frame in frames[:size]] if engine is None else
+                       [result.probabilities for result in engine.infer(frames[:size])])
+                row.max_abs_diff = max(float(np.abs(probabilities - reference[index]).max())
+                                       for index, probabilities in enumerate(got))
+                rows.append(row)
+        for engine in engines.values():
+            engine.close()
+    seed_rows = [row for row in rows if row.path.startswith('seed')]
+    for row in rows:
+        if seed_rows and row.batch_size == 1:
+            row.speedup = seed_rows[0].p50_ms / row.p50_ms
+        elif seed_rows:
+            row.speedup = row.frames_per_s / seed_rows[0].frames_per_s
+    return {'machine': machine_description(device), 'engine': ', '.join(backends),
+            'model': config.to_dict(), 'frame_size': list(frame_size),
+            'iterations': rounds * calls_per_round, 'interleaved': True,
+            'rows': [asdict(row) for row in rows]}
+
+
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Align cells into columns separated by ' | ', with a rule under the header."""
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
@@ -198,13 +274,14 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
 def format_table(report: dict[str, object]) -> str:
     """Render a report as the plain-text table the README quotes."""
     header = ('path', 'batch', 'p50 ms', 'p95 ms', 'frames/s', 'peak RSS MB',
-              'peak GPU MB', 'vs seed')
+              'peak GPU MB', 'vs seed', 'max |p - seed|')
     lines = []
     for row in report['rows']:
         gpu = '-' if row['peak_gpu_mb'] is None else f'{row["peak_gpu_mb"]:.0f}'
+        parity = '-' if row.get('max_abs_diff') is None else f'{row["max_abs_diff"]:.1e}'
         lines.append((row['path'], str(row['batch_size']), f'{row["p50_ms"]:.2f}',
                       f'{row["p95_ms"]:.2f}', f'{row["frames_per_s"]:.1f}',
-                      f'{row["peak_rss_mb"]:.0f}', gpu, f'{row["speedup"]:.2f}x'))
+                      f'{row["peak_rss_mb"]:.0f}', gpu, f'{row["speedup"]:.2f}x', parity))
     render = render_table(header, lines)
     machine = report['machine']
     model = report['model']
@@ -214,5 +291,7 @@ def format_table(report: dict[str, object]) -> str:
                f'{frame[1]}x{frame[0]}, {report["iterations"]} calls per row; '
                f'{machine.get("gpu", machine["cpu"])}, {machine["cpu_cores"]} CPU cores, '
                f'torch {machine["torch"]}. "vs seed": p50 latency ratio at batch 1, '
-               'throughput ratio at larger batches.')
+               'throughput ratio at larger batches.'
+               + (" Rounds interleave the paths; peak RSS is the whole run's."
+                  if report.get('interleaved') else ''))
     return '\n'.join(render + ['', caption])

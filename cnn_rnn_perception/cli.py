@@ -60,6 +60,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                             'CPU (default: auto)')
     group.add_argument('--threads', type=_threads, default=0,
                        help='CPU threads for torch (default: 0, torch decides)')
+    group.add_argument('--backend', default='torch',
+                       choices=('torch', 'onnxruntime', 'openvino', 'auto'),
+                       help='what runs the model: torch, an exported model on onnxruntime or '
+                            'openvino (exported on the fly from a checkpoint), or auto: time '
+                            'each installed one here and keep the fastest that agrees '
+                            '(default: torch)')
 
 
 def _add_model_options(parser: argparse.ArgumentParser, *, title: str = 'model (used without '
@@ -104,20 +110,16 @@ def _model_flags(args: argparse.Namespace) -> dict:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
+    from cnn_rnn_perception.engine import create_engine, EngineSettings
     from cnn_rnn_perception.synthetic import camera_frames, NAVIGATION_LABELS
     import numpy as np
 
     settings = EngineSettings(device=args.device, precision=args.precision,
-                              compile_trunk=args.compile)
-    if args.checkpoint:
-        engine = InferenceEngine.from_checkpoint(args.checkpoint, settings)
-        source = args.checkpoint
-    else:
-        config = _model_config(args, len(NAVIGATION_LABELS))
-        engine = InferenceEngine.from_config(config, labels=NAVIGATION_LABELS,
-                                             settings=settings)
-        source = 'random weights: labels mean nothing until you load a trained checkpoint'
+                              compile_trunk=args.compile, backend=args.backend)
+    config = None if args.checkpoint else _model_config(args, len(NAVIGATION_LABELS))
+    engine = create_engine(args.checkpoint, settings, config=config, labels=NAVIGATION_LABELS)
+    source = args.checkpoint or ('random weights: labels mean nothing until you load a '
+                                 'trained checkpoint')
     width, height = args.frame_size
     print(f'model: {engine.describe()} ({source})')
     print(f'classifying {args.frames} generated {width}x{height} camera frames, one at a time')
@@ -137,16 +139,22 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cnn_rnn_perception.bench import format_table, run_benchmark
+    from cnn_rnn_perception.bench import format_table, run_backend_comparison, run_benchmark
     from cnn_rnn_perception.engine import EngineSettings
     settings = EngineSettings(device=args.device, precision=args.precision,
                               compile_trunk=not args.no_compile,
                               cuda_graphs=not args.no_cuda_graphs,
-                              max_batch=max(args.batch_sizes))
+                              max_batch=max(args.batch_sizes), backend=args.backend)
     width, height = args.frame_size
-    report = run_benchmark(_model_config(args, args.num_classes), settings=settings,
-                           frame_size=(height, width), batch_sizes=args.batch_sizes,
-                           iterations=args.iterations, progress=not args.no_progress)
+    if args.backends:
+        report = run_backend_comparison(
+            _model_config(args, args.num_classes), settings=settings, backends=args.backends,
+            frame_size=(height, width), batch_sizes=args.batch_sizes,
+            rounds=max(args.iterations // 5, 1), progress=not args.no_progress)
+    else:
+        report = run_benchmark(_model_config(args, args.num_classes), settings=settings,
+                               frame_size=(height, width), batch_sizes=args.batch_sizes,
+                               iterations=args.iterations, progress=not args.no_progress)
     print(format_table(report))
     _write_json(args.json, report)
     return 0
@@ -165,6 +173,31 @@ def _selftest(args: argparse.Namespace) -> int:
     return 0 if report['passed'] else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from cnn_rnn_perception.export import export
+    from cnn_rnn_perception.model import load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    print(f'exporting {args.checkpoint} ({checkpoint.config.backbone} '
+          f'{checkpoint.config.sequence} {checkpoint.config.rnn}) to {args.format}')
+    report = export(checkpoint.model, checkpoint.labels, checkpoint.preprocessing,
+                    fmt=args.format, output=args.output)
+    print(f'wrote {report.path} ({report.size_mb:.1f} MB): labels, config and preprocessing '
+          f'in its metadata, batch size dynamic')
+    print(f'parity on {report.frames} generated frames: max |p - torch fp32| = '
+          f'{report.max_abs_diff:.2e} (limit 1e-04)')
+    return 0
+
+
+def _backends(text: str) -> list[str]:
+    names = [name for name in text.split(',') if name]
+    unknown = sorted(set(names) - {'torch', 'onnxruntime', 'openvino'})
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f'expected backends from torch,onnxruntime,openvino; got {text!r}')
+    return names
+
+
 def _float_list(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(',') if part]
@@ -180,6 +213,7 @@ def _bench_node(args: argparse.Namespace) -> int:
 
     height, width = args.input_size
     node_args = ['-p', f'device:={args.device}', '-p', f'precision:={args.precision}',
+                 '-p', f'backend:={args.backend}',
                  '-p', f'compile:={"false" if args.no_compile else "true"}',
                  '-p', f'model.backbone:={args.backbone}',
                  '-p', f'model.sequence:={args.sequence}',
@@ -215,11 +249,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not args.checkpoint:
             raise ValueError('evaluate needs --checkpoint (a trained model), or --scenes to '
                              'score a replay recording')
-        from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
+        from cnn_rnn_perception.engine import create_engine, EngineSettings
         settings = EngineSettings(device=args.device, precision=args.precision,
-                                  compile_trunk=args.compile,
-                                  max_batch=args.batch_size)
-        engine = InferenceEngine.from_checkpoint(args.checkpoint, settings)
+                                  compile_trunk=args.compile, max_batch=args.batch_size,
+                                  backend=args.backend)
+        engine = create_engine(args.checkpoint, settings)
         result = evaluate_bags(args.bags, engine, topics=args.topics,
                                label_topic=args.label_topic, labels_csv=args.labels_csv,
                                batch_size=args.batch_size, predictions_path=args.output,
@@ -417,11 +451,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--no-compile', action='store_true', help='run the trunk eagerly')
     bench.add_argument('--no-cuda-graphs', action='store_true',
                        help='launch kernels one by one on a GPU')
+    bench.add_argument('--backends', type=_backends, metavar='NAME[,NAME...]',
+                       help='put these backends (torch, onnxruntime, openvino) beside the '
+                            "seed's way in one interleaved run, with parity per row")
     bench.add_argument('--json', metavar='PATH', help='also write the report as JSON')
     bench.add_argument('--no-progress', action='store_true', help='no progress bars')
     _add_engine_options(bench)
     _add_model_options(bench)
     bench.set_defaults(handler=_bench)
+
+    export = commands.add_parser(
+        'export', help='export a checkpoint to ONNX or OpenVINO IR for deployment runtimes',
+        description='Export the whole model (trunk, sequencer, RNN, pooling, head, softmax) with '
+                    'a dynamic batch axis; the labels, model config and preprocessing go into '
+                    "the file's metadata, so the file alone runs it (model.checkpoint of the "
+                    'node, with backend onnxruntime, openvino or auto). The export is checked '
+                    'on generated frames against the fp32 torch model and removed if any '
+                    'probability differs by more than 1e-4.')
+    export.add_argument('checkpoint', metavar='CHECKPOINT')
+    export.add_argument('--format', required=True, choices=('onnx', 'openvino'),
+                        help='onnx (ONNX Runtime, TensorRT) or openvino (IR: .xml and .bin)')
+    export.add_argument('--output', required=True, metavar='PATH',
+                        help='model.onnx, or model.xml for openvino')
+    export.set_defaults(handler=_export)
 
     selftest = commands.add_parser(
         'selftest', help='check every engine path on this device against an fp32 reference',

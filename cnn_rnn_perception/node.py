@@ -23,8 +23,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from cnn_rnn_perception.engine import InferenceEngine, precision_name
+from cnn_rnn_perception.engine import create_engine, precision_name
 from cnn_rnn_perception.engine_slot import EngineSlot, LoadedModel
+from cnn_rnn_perception.export import is_exported, read_exported
 from cnn_rnn_perception.image_conversion import ImageRejected, message_to_frame
 from cnn_rnn_perception.model import inspect_checkpoint
 from cnn_rnn_perception.node_config import (
@@ -74,6 +75,16 @@ def _descriptor(spec: ParameterSpec) -> ParameterDescriptor:
         descriptor.floating_point_range = [FloatingPointRange(
             from_value=float(spec.minimum), to_value=float(spec.maximum), step=0.0)]
     return descriptor
+
+
+def _compiles(values: dict[str, Any]) -> bool:
+    """
+    Return whether a second, compiled build follows the first (eager) one.
+
+    For torch, and for auto: its first choice is measured against eager torch so that frames
+    are served within a second; the second measures compiled torch, which is often fastest.
+    """
+    return bool(values['compile']) and values['backend'] in ('torch', 'auto')
 
 
 def _plain(value: Any) -> Any:
@@ -199,7 +210,7 @@ class PerceptionNode(LifecycleNode):
         if not needs_reload(values, self._values):
             return
         if self._state == 'active':
-            self._slot.build(values, compiled=bool(values['compile']))
+            self._slot.build(values, compiled=_compiles(values))
         elif self._state == 'inactive':
             self._adopt_values(values)
 
@@ -217,9 +228,10 @@ class PerceptionNode(LifecycleNode):
 
     @staticmethod
     def _labels_for(values: dict[str, Any]) -> list[str]:
-        if values['model.checkpoint']:
-            return choose_labels(inspect_checkpoint(values['model.checkpoint']).labels,
-                                 values['labels'])
+        checkpoint = values['model.checkpoint']
+        if checkpoint:
+            info = (read_exported if is_exported(checkpoint) else inspect_checkpoint)(checkpoint)
+            return choose_labels(info.labels, values['labels'])
         return list(values['labels'])
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -247,7 +259,7 @@ class PerceptionNode(LifecycleNode):
         """Start building the engine and the worker; cameras are subscribed once it serves."""
         # Subscribing only when an engine is in service means a camera's first frames are
         # classified, not overwritten while the model loads.
-        self._slot.build(self._values, compiled=bool(self._values['compile']))
+        self._slot.build(self._values, compiled=_compiles(self._values))
         self._state = 'active'
         self._start_worker()
         return super().on_activate(state)
@@ -294,19 +306,15 @@ class PerceptionNode(LifecycleNode):
         """Build and warm up an engine (runs in the EngineSlot's builder thread)."""
         cameras = len(values['image_topics'])
         settings = engine_settings(values, cameras, compiled=compiled)
-        if values['model.checkpoint']:
-            engine = InferenceEngine.from_checkpoint(values['model.checkpoint'], settings)
-            labels = choose_labels(engine.labels, values['labels'])
-        else:
-            if not compiled:
-                config = model_config(values)
-                self.get_logger().warning(
-                    f'model.checkpoint is empty: built {config.backbone} {config.sequence} '
-                    'with RANDOM weights; classifications mean nothing until model.checkpoint '
-                    'names a trained checkpoint')
-            engine = InferenceEngine.from_config(model_config(values), labels=values['labels'],
-                                                 settings=settings)
-            labels = list(values['labels'])
+        checkpoint = values['model.checkpoint'] or None
+        config = None if checkpoint else model_config(values)
+        if config is not None and not compiled:
+            self.get_logger().warning(
+                f'model.checkpoint is empty: built {config.backbone} {config.sequence} with '
+                'RANDOM weights; classifications mean nothing until model.checkpoint names a '
+                'trained checkpoint')
+        engine = create_engine(checkpoint, settings, config=config, labels=values['labels'])
+        labels = choose_labels(engine.labels, values['labels'])
         try:
             # Every batch the worker can form (one frame per camera at most) is compiled here,
             # so nothing compiles in the inference thread.
@@ -329,7 +337,9 @@ class PerceptionNode(LifecycleNode):
             self._smoother.reset()  # probabilities of another model are no history for this
         self._problem = None
         self._adopt_values(model.values)
-        self.get_logger().info(f'classifying with {model.engine.describe()}')
+        choice = getattr(model.engine, 'backend_choice', None)
+        self.get_logger().info(f'classifying with {model.engine.describe()}'
+                               + (f' ({choice.summary()})' if choice is not None else ''))
 
     def _model_failed(self, values: dict[str, Any], error: BaseException) -> None:
         running = self._slot.current
@@ -566,6 +576,9 @@ class PerceptionNode(LifecycleNode):
                   KeyValue(key='worker_errors', value=str(self._worker_errors)),
                   KeyValue(key='worker_restarts', value=str(self._worker_restarts))]
         if model is not None:
+            choice = getattr(model.engine, 'backend_choice', None)
+            if choice is not None:
+                common.append(KeyValue(key='backend_choice', value=choice.summary()))
             common += [KeyValue(key='device', value=str(model.engine.device)),
                        KeyValue(key='precision', value=precision_name(model.engine.dtype)),
                        KeyValue(key='model', value=model.engine.describe())]

@@ -15,7 +15,8 @@ import time
 from typing import Any, Callable, Hashable, Iterable
 
 from cnn_rnn_perception.engine import (
-    EngineSettings, parse_device_name, PRECISIONS, resolve_device, StageTimes)
+    BACKENDS, EngineSettings, parse_device_name, PRECISIONS, resolve_device, StageTimes)
+from cnn_rnn_perception.export import is_exported, read_exported
 from cnn_rnn_perception.model import (
     default_labels, inspect_checkpoint, ModelConfig, POOLINGS, RNNS, SEQUENCES)
 from cnn_rnn_perception.synthetic import NAVIGATION_LABELS
@@ -47,8 +48,10 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   choices=RELIABILITIES),
     ParameterSpec('qos.depth', 2, 'Subscription queue depth; the node keeps only the newest '
                   'frame per camera anyway.', minimum=1, maximum=100),
-    ParameterSpec('model.checkpoint', '', 'Checkpoint file. Empty: build from the model.* '
-                  'parameters with random weights (a loud warning: results mean nothing).'),
+    ParameterSpec('model.checkpoint', '', 'Checkpoint file, or a model exported with '
+                  '"cnn_rnn_perception export" (.onnx, OpenVINO .xml). Empty: build from the '
+                  'model.* parameters with random weights (a loud warning: results mean '
+                  'nothing).'),
     ParameterSpec('model.backbone', 'resnet18', 'CNN trunk when no checkpoint is given.',
                   choices=('resnet18', 'resnet34', 'resnet50', 'mobilenet_v3_small',
                            'mobilenet_v3_large', 'efficientnet_b0', 'vgg16')),
@@ -70,6 +73,9 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec('precision', 'auto', 'Trunk precision: auto (bf16 on GPUs that have it, '
                   'fp32 on the CPU), fp32, fp16 or bf16.', choices=PRECISIONS),
     ParameterSpec('compile', True, 'torch.compile the trunk: faster frames, a slower start.'),
+    ParameterSpec('backend', 'torch', 'What runs the model: torch, onnxruntime, openvino, or '
+                  'auto (times each installed one at start and keeps the fastest that agrees '
+                  'with torch).', choices=BACKENDS),
     ParameterSpec('max_rate_hz', 0.0, 'Most inference batches per second; 0 = as fast as '
                   'frames come. Frames in between are dropped as stale.', live=True,
                   minimum=0.0, maximum=1000.0),
@@ -113,10 +119,10 @@ def _check_value(spec: ParameterSpec, value: Any) -> str | None:
             return str(error)
     if spec.name == 'model.checkpoint' and value:
         try:
-            inspect_checkpoint(value)
+            (read_exported if is_exported(value) else inspect_checkpoint)(value)
         except FileNotFoundError:
             return f'model.checkpoint {value!r}: file not found'
-        except ValueError as error:
+        except (ValueError, RuntimeError) as error:
             return f'model.checkpoint: {error}'
     return None
 
@@ -140,6 +146,10 @@ def validate(changes: dict[str, Any], current: dict[str, Any], *,
         if reason:
             return reason
     merged = {**current, **changes}
+    if ('backend' in changes or 'model.checkpoint' in changes) and merged['backend'] == 'torch' \
+            and merged['model.checkpoint'] and is_exported(merged['model.checkpoint']):
+        return (f'model.checkpoint {merged["model.checkpoint"]!r} is an exported model: set '
+                'backend to onnxruntime, openvino or auto to run it')
     if any(name.startswith('model.') or name == 'labels' for name in changes):
         if not merged['model.checkpoint']:
             try:
@@ -257,7 +267,8 @@ def engine_settings(values: dict[str, Any], camera_count: int, *,
                     compiled: bool) -> EngineSettings:
     """Build the engine settings from parameters: one batch holds one frame per camera."""
     return EngineSettings(device=values['device'], precision=values['precision'],
-                          compile_trunk=compiled, max_batch=max(camera_count, 1))
+                          compile_trunk=compiled, max_batch=max(camera_count, 1),
+                          backend=values['backend'])
 
 
 def stuck_after_s(silent_after_s: float) -> float:

@@ -3,7 +3,8 @@ selftest: every path the engine has on a device, on the same frames, against one
 
 What a robot owner runs after installing, to trust their GPU (or CPU) setup. The reference is
 the same weights in float32, eager, without static buffers, on the same device. Each path
-(eager, compiled, static buffers or CUDA graphs, carried recurrent state) classifies the same
+(eager, compiled, static buffers or CUDA graphs, carried recurrent state, and on a CPU each
+installed runtime: onnxruntime, openvino, on the same model exported) classifies the same
 frames, mixed resolutions and colour orders and a uniform batch, at every batch size asked for;
 its largest absolute probability difference from the reference must stay within its
 precision's tolerance. A path that raises fails too, with its error.
@@ -12,13 +13,18 @@ precision's tolerance. A path that raises fails too, with its error.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+import tempfile
 import time
 from typing import Sequence
 
 from cnn_rnn_perception.bench import (
     _gpu_peak_mb, _reset_gpu_peak, machine_description, PeakRss, render_table)
 from cnn_rnn_perception.engine import (
-    EngineSettings, InferenceEngine, precision_name, resolve_device, resolve_precision)
+    EngineSettings, InferenceEngine, installed_backends, precision_name, resolve_device,
+    resolve_precision)
+from cnn_rnn_perception.engine.exported import open_exported
+from cnn_rnn_perception.export import export_onnx
 from cnn_rnn_perception.model import (
     CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing, seeded)
 from cnn_rnn_perception.synthetic import camera_frame
@@ -111,10 +117,17 @@ def run_selftest(model: CnnRnnClassifier, *, labels: Sequence[str],
 
     results = []
     paths = _paths(base, torch_device.type == 'cuda', compile_trunk)
-    for name, settings in tqdm(paths, desc='selftest', unit='path', disable=not progress):
-        results.append(_check_path(name, settings, model, labels, preprocessing, frames, orders,
-                                   uniform, want, carried_want, batch_sizes, repeats,
-                                   torch_device))
+    runtimes = [name for name in installed_backends() if name != 'torch'
+                and torch_device.type == 'cpu']  # the runtimes' GPU providers are optional
+    with tempfile.TemporaryDirectory() as folder:
+        if runtimes:
+            exported = export_onnx(model, list(labels), preprocessing, f'{folder}/model.onnx')
+        paths += [(name, replace(base, precision='fp32', backend=name)) for name in runtimes]
+        for name, settings in tqdm(paths, desc='selftest', unit='path', disable=not progress):
+            results.append(_check_path(name, settings, model, labels, preprocessing, frames,
+                                       orders, uniform, want, carried_want, batch_sizes,
+                                       repeats, torch_device,
+                                       exported if settings.backend != 'torch' else None))
     return {'passed': all(result.passed for result in results), 'device': str(torch_device),
             'precision': dtype_name, 'model': f'{model.config.backbone} '
             f'{model.config.sequence} {model.config.rnn} {model.config.input_size}',
@@ -126,14 +139,16 @@ def _check_path(name: str, settings: EngineSettings, model: CnnRnnClassifier,
                 labels: Sequence[str], preprocessing: Preprocessing, frames: list[np.ndarray],
                 orders: list[str], uniform: list[np.ndarray], want: dict,
                 carried_want: list[np.ndarray], batch_sizes: Sequence[int], repeats: int,
-                device) -> PathResult:
+                device, exported: Path | None = None) -> PathResult:
     tolerance = TOLERANCE[settings.precision]
     memory_kind = 'gpu allocated' if device.type == 'cuda' else 'process rss'
     _reset_gpu_peak(device)
     seconds, count, worst = 0.0, 0, 0.0
     try:
-        with PeakRss() as rss, InferenceEngine(model, labels=labels, preprocessing=preprocessing,
-                                               settings=settings) as engine:
+        with PeakRss() as rss, (
+                open_exported(exported, settings) if exported is not None else
+                InferenceEngine(model, labels=labels, preprocessing=preprocessing,
+                                settings=settings)) as engine:
             if settings.carry_state:
                 got = [engine.infer([frame], color_order=order, streams=['camera'])[0]
                        for frame, order in zip(frames, orders)]

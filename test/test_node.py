@@ -427,3 +427,30 @@ def test_a_model_too_slow_for_the_camera_is_reported_as_an_error(tmp_path, harne
         if streamer is not None:
             streamer.close()
         assert node.stop() == 0, node.log()
+
+
+def test_the_node_runs_an_exported_model_and_auto_reports_its_choice(tmp_path, harness):
+    from cnn_rnn_perception.export import export
+    from cnn_rnn_perception.model import Preprocessing
+    with seeded(5):
+        model = CnnRnnClassifier(TINY).eval()
+    onnx_path = tmp_path / 'scene.onnx'
+    export(model, ['hall_0', 'hall_1', 'hall_2'], Preprocessing.for_config(TINY), fmt='onnx',
+           output=onnx_path)
+    node = NodeProcess(tmp_path, '-p', f'model.checkpoint:={onnx_path}', '-p', 'device:=cpu',
+                       '-p', 'backend:=onnxruntime')
+    try:
+        camera = harness.camera('/camera/image_raw')
+        harness.wait_subscribed(camera)
+        camera.publish(image_message(pixels(), 'rgb8', 1, 'cam'))
+        scene = wait_for(lambda: harness.scenes_for('/camera/image_raw'), 20, 'a result')[0]
+        assert scene['label'].startswith('hall_')
+        assert wait_for(lambda: (harness.camera_status('/camera/image_raw') or {}).get(
+            'model', '').startswith('onnxruntime'), 10, 'the backend in /diagnostics')
+        assert harness.set_parameter('backend', 'auto').successful
+        status = wait_for(lambda: (s := harness.camera_status('/camera/image_raw')) and
+                          'backend_choice' in s and s, 60, 'the auto choice in /diagnostics')
+        assert 'backend auto chose' in status['backend_choice']
+        assert 'onnxruntime' in status['backend_choice'] and 'openvino' in status['backend_choice']
+    finally:
+        assert node.stop() == 0, node.log()

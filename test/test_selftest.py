@@ -28,7 +28,7 @@ def test_selftest_on_the_cpu_passes_and_reports_every_path(tmp_path):
     report = json.loads(report_path.read_text())
     assert report['passed'] is True
     assert [path['path'] for path in report['paths']] == [
-        'eager', 'compiled', 'static buffers', 'carried state']
+        'eager', 'compiled', 'static buffers', 'carried state', 'onnxruntime', 'openvino']
     for path in report['paths']:
         assert path['max_abs_diff'] <= TOLERANCE['fp32'] and path['ms_per_frame'] > 0
     assert 'PASSED' in result.stdout and 'static buffers' in result.stdout

@@ -1,5 +1,5 @@
 """
-The inference engine: camera frames in, class probabilities and stage timings out.
+The torch backend: camera frames in, class probabilities and stage timings out.
 
 What it does differently from running the model the tutorial way (fp32, eager, one image at a
 time, everything on the host):
@@ -24,141 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
 import logging
 import os
 import time
 from typing import Callable, Hashable, Sequence
 
+from cnn_rnn_perception.engine.base import (
+    EngineBase, EngineSettings, precision_name, resolve_device, resolve_precision)
 from cnn_rnn_perception.model import (
     CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing,
     RecurrentState, seeded)
-from cnn_rnn_perception.postprocess import top_k as top_k_labels
 from cnn_rnn_perception.preprocess import (
-    check_color_order, check_frame, frames_to_tensor_torch, frames_to_uint8_batch,
-    normalisation, normalise_uint8_batch)
+    frames_to_tensor_torch, frames_to_uint8_batch, normalisation, normalise_uint8_batch)
 import numpy as np
 import torch
 
 _LOG = logging.getLogger(__name__)
-
-DEVICES_HELP = "'auto', 'cpu', 'cuda' or 'cuda:N'"
-PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
-_DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the engine runs the model; none of these change its results beyond precision."""
-
-    device: str = 'auto'
-    precision: str = 'auto'
-    channels_last: bool = True
-    compile_trunk: bool = True
-    cuda_graphs: bool = True
-    # None: static buffers where CUDA graphs replay them; True: on the CPU too (tests, selftest).
-    static_buffers: bool | None = None
-    warmup_iterations: int = 2
-    max_batch: int = 32
-    carry_state: bool = False
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}; '
-                             f'got {self.precision!r}')
-        if self.warmup_iterations < 0:
-            raise ValueError(f'warmup_iterations must be >= 0; got {self.warmup_iterations}')
-        if self.max_batch < 1:
-            raise ValueError(f'max_batch must be >= 1; got {self.max_batch}')
-        parse_device_name(self.device)
-
-
-def parse_device_name(name: str) -> str:
-    """Check the spelling of a device setting, without looking at the hardware."""
-    if name in ('auto', 'cpu', 'cuda'):
-        return name
-    if name.startswith('cuda:') and name[5:].isdigit():
-        return name
-    raise ValueError(f'device must be {DEVICES_HELP}; got {name!r}')
-
-
-def resolve_device(name: str, *, quiet: bool = False) -> torch.device:
-    """Turn a device setting into a torch device; ``auto`` falls back to the CPU, and says so."""
-    parse_device_name(name)
-    if name == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda', torch.cuda.current_device())
-        if not quiet:
-            _LOG.warning('device auto: no CUDA device is available, running on the CPU')
-        return torch.device('cpu')
-    device = torch.device(name)
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise ValueError(f'device {name!r} requested but torch sees no CUDA device '
-                             f'(torch {torch.__version__}); set device to auto or cpu')
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise ValueError(f'device {name!r} requested but only {torch.cuda.device_count()} '
-                             'CUDA device(s) exist')
-        device = torch.device('cuda', index)
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """Turn a precision setting into the trunk's dtype; ``auto``: bf16 on GPUs that have it."""
-    if precision == 'auto':
-        if device.type != 'cuda':
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == 'fp16' and device.type == 'cpu':
-        raise ValueError('precision fp16 is for GPUs; use bf16 or fp32 on the CPU')
-    return _DTYPES[precision]
-
-
-def precision_name(dtype: torch.dtype) -> str:
-    """Return 'fp32', 'fp16' or 'bf16'."""
-    return {value: key for key, value in _DTYPES.items()}[dtype]
-
-
-@dataclass(frozen=True)
-class StageTimes:
-    """
-    Wall time of each stage of one batch, in milliseconds.
-
-    On a GPU, ``preprocess_ms`` is the host's share (staging the frames, starting the upload)
-    and ``forward_ms`` runs from launching the device work until its results are on the host,
-    device-side resize and normalisation included.
-    """
-
-    preprocess_ms: float
-    forward_ms: float
-    postprocess_ms: float
-    batch_size: int
-
-    @property
-    def total_ms(self) -> float:
-        """Return the sum of the stages."""
-        return self.preprocess_ms + self.forward_ms + self.postprocess_ms
-
-
-@dataclass(frozen=True)
-class Classification:
-    """One frame's result."""
-
-    probabilities: np.ndarray
-    top_k: list[tuple[str, float]]
-    times: StageTimes
-    stream: Hashable | None = None
-
-    @property
-    def label(self) -> str:
-        """Return the most likely label."""
-        return self.top_k[0][0]
-
-    @property
-    def score(self) -> float:
-        """Return the most likely label's probability."""
-        return self.top_k[0][1]
 
 
 @contextlib.contextmanager
@@ -238,9 +119,9 @@ class _StaticPath:
         return self.host_output.numpy().copy()
 
 
-class InferenceEngine:
+class InferenceEngine(EngineBase):
     """
-    Runs a ``CnnRnnClassifier`` on camera frames.
+    Runs a ``CnnRnnClassifier`` on camera frames with torch (the ``torch`` backend).
 
     Build it with ``from_checkpoint`` or ``from_config``; call ``infer`` with uint8 HxWxC
     frames of any size; call ``close`` (or use it as a context manager) to free the device.
@@ -253,10 +134,8 @@ class InferenceEngine:
         if len(labels) != model.config.num_classes:
             raise ValueError(f'{len(labels)} labels for a model with '
                              f'{model.config.num_classes} classes')
-        self.settings = settings
+        super().__init__(labels=labels, preprocessing=preprocessing, settings=settings)
         self.config: ModelConfig = model.config
-        self.labels = list(labels)
-        self.preprocessing = preprocessing
         self.device = resolve_device(settings.device)
         self.dtype = resolve_precision(settings.precision, self.device)
         on_cuda = self.device.type == 'cuda'
@@ -342,7 +221,9 @@ class InferenceEngine:
         for index, (frame, order) in enumerate(zip(frames, orders)):
             groups.setdefault((frame.shape, order), []).append(index)
         for (shape, order), indices in groups.items():
-            staging = self._staging_buffer((len(indices), *shape))
+            # One pinned buffer per group of this batch: a group's upload may still be in
+            # flight (non-blocking) while the next group is staged.
+            staging = self._staging_buffer((len(indices), *shape), order)
             np.stack([frames[i] for i in indices], out=staging.numpy())
             uploaded = staging.to(self.device, non_blocking=True)
             images = frames_to_tensor_torch(uploaded, order, self.preprocessing, self._offset,
@@ -353,15 +234,16 @@ class InferenceEngine:
                 out[indices] = images
         return out
 
-    def _staging_buffer(self, shape: tuple) -> torch.Tensor:
-        """Return a pinned host buffer of this shape, reused: pinning costs milliseconds."""
-        buffer = self._staging.get(shape)
+    def _staging_buffer(self, shape: tuple, order: str) -> torch.Tensor:
+        """Return a pinned host buffer for a group of frames, reused: pinning costs ms."""
+        key = (shape, order)
+        buffer = self._staging.get(key)
         if buffer is None:
             if len(self._staging) >= 64:  # an unbounded mix of resolutions: start over
                 torch.cuda.current_stream(self.device).synchronize()
                 self._staging.clear()
-            buffer = self._staging[shape] = torch.empty(shape, dtype=torch.uint8,
-                                                        pin_memory=True)
+            buffer = self._staging[key] = torch.empty(shape, dtype=torch.uint8,
+                                                      pin_memory=True)
         return buffer
 
     def _forward(self, images: torch.Tensor, state: RecurrentState | None = None
@@ -374,83 +256,17 @@ class InferenceEngine:
         logits = model.head(model.pool(outputs, final_state))
         return torch.softmax(logits, dim=1), final_state
 
+    def _out_of_memory(self, batch_size: int) -> None:
+        # This batch size runs without static buffers from now on, so the next frames do not
+        # try (and fail) to capture again; other sizes keep theirs.
+        self._static.pop(batch_size, None)
+        self._unbuffered.add(batch_size)
+        torch.cuda.empty_cache()
+
     def _fall_back_to_eager(self, error: Exception) -> None:
         _LOG.warning('torch.compile failed (%s: %s); running the trunk eagerly',
                      type(error).__name__, str(error).splitlines()[0] if str(error) else '')
         self._run_trunk = self._trunk
-
-    def warmup(self, frame_shape: tuple[int, ...] | None = None,
-               batch_sizes: Sequence[int] = (1,), color_order: str = 'bgr') -> None:
-        """
-        Run the engine on blank frames so the first real frame pays no start-up costs.
-
-        Each batch size gets its compiled graph and its static buffers (on a GPU, its CUDA
-        graph) here; frame sizes and colour orders need no warm-up of their own.
-        ``frame_shape`` defaults to the model's input size with three channels.
-        """
-        frame_shape = frame_shape or (*self.preprocessing.input_size, 3)
-        blank = np.zeros(frame_shape, dtype=np.uint8)
-        for batch_size in batch_sizes:
-            if batch_size > self.settings.max_batch:
-                raise ValueError(f'cannot warm up batch size {batch_size}: max_batch is '
-                                 f'{self.settings.max_batch}')
-            for _ in range(max(self.settings.warmup_iterations, 1)):
-                self.infer([blank] * batch_size, color_order=color_order)
-
-    # -- inference ---------------------------------------------------------------------------
-
-    def infer(self, frames: Sequence[np.ndarray], *, color_order: str | Sequence[str] = 'bgr',
-              streams: Sequence[Hashable] | None = None, top_k: int = 5
-              ) -> list[Classification]:
-        """
-        Classify frames (uint8 HxW, HxWx1, HxWx3 or HxWx4 arrays of any size).
-
-        ``color_order`` is 'rgb' or 'bgr', for all frames or one per frame. ``streams`` names
-        each frame's camera: with ``carry_state`` a camera's RNN starts from its last state.
-        Frames beyond ``max_batch`` are split into several forward passes.
-        """
-        frames = [check_frame(frame) for frame in frames]
-        count = len(frames)
-        orders = ([check_color_order(color_order)] * count if isinstance(color_order, str)
-                  else [check_color_order(order) for order in color_order])
-        streams = list(streams) if streams is not None else [None] * count
-        if len(orders) != count or len(streams) != count:
-            raise ValueError(f'{count} frames but {len(orders)} colour orders and '
-                             f'{len(streams)} streams')
-        if top_k < 1:
-            raise ValueError('top_k must be >= 1')
-        results: list[Classification] = []
-        step = self.settings.max_batch
-        for start in range(0, count, step):
-            chunk = slice(start, start + step)
-            results += self._infer_batch(frames[chunk], orders[chunk], streams[chunk], top_k)
-        return results
-
-    def _infer_batch(self, frames: list[np.ndarray], orders: list[str],
-                     streams: list[Hashable], k: int) -> list[Classification]:
-        started = time.perf_counter()
-        try:
-            with self._device():
-                probabilities, upload_done = self._probabilities(frames, orders, streams)
-        except torch.cuda.OutOfMemoryError as error:
-            # This batch size runs without static buffers from now on, so the next frames do
-            # not try (and fail) to capture again; other sizes keep theirs.
-            self._static.pop(len(frames), None)
-            self._unbuffered.add(len(frames))
-            torch.cuda.empty_cache()
-            raise RuntimeError(
-                f'CUDA out of memory at batch size {len(frames)} '
-                f'(frames {frames[0].shape[1]}x{frames[0].shape[0]}); lower max_batch or use '
-                'a smaller backbone or input size') from error
-        forward_done = time.perf_counter()
-        results = [top_k_labels(row, k, self.labels) for row in probabilities]
-        finished = time.perf_counter()
-        times = StageTimes(preprocess_ms=(upload_done - started) * 1e3,
-                           forward_ms=(forward_done - upload_done) * 1e3,
-                           postprocess_ms=(finished - forward_done) * 1e3,
-                           batch_size=len(frames))
-        return [Classification(probabilities=row, top_k=top, times=times, stream=stream)
-                for row, top, stream in zip(probabilities, results, streams)]
 
     def _probabilities(self, frames: list[np.ndarray], orders: list[str],
                        streams: list[Hashable]) -> tuple[np.ndarray, float]:
@@ -557,9 +373,3 @@ class InferenceEngine:
                 delattr(self, name)
         if getattr(self, 'device', None) is not None and self.device.type == 'cuda':
             torch.cuda.empty_cache()
-
-    def __enter__(self) -> InferenceEngine:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
