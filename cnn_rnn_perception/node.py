@@ -313,7 +313,10 @@ class PerceptionNode(LifecycleNode):
                 f'model.checkpoint is empty: built {config.backbone} {config.sequence} with '
                 'RANDOM weights; classifications mean nothing until model.checkpoint names a '
                 'trained checkpoint')
-        engine = create_engine(checkpoint, settings, config=config, labels=values['labels'])
+        # backend auto times the backends in the inference worker's thread, between batches
+        # (well under a second): where they will run, and with nothing classifying beside.
+        engine = create_engine(checkpoint, settings, config=config, labels=values['labels'],
+                               run_timing=self._slot.on_worker)
         labels = choose_labels(engine.labels, values['labels'])
         try:
             # Every batch the worker can form (one frame per camera at most) is compiled here,
@@ -448,7 +451,16 @@ class PerceptionNode(LifecycleNode):
 
     def _inference_loop(self) -> None:
         next_batch_at = 0.0
+        self._slot.worker_serves = True
+        try:
+            self._serve_frames(next_batch_at)
+        finally:
+            self._slot.worker_serves = False
+            self._slot.serve_tasks()  # a builder waiting on this thread must not hang
+
+    def _serve_frames(self, next_batch_at: float) -> None:
         while not self._stop.is_set():
+            self._slot.serve_tasks()
             wait = next_batch_at - time.monotonic()
             if wait > 0 and self._stop.wait(wait):
                 break

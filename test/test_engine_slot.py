@@ -83,3 +83,27 @@ def test_release_drops_the_engine_and_abandons_a_build_under_way():
     slot.release()
     assert slot.wait_idle(10)
     assert slot.current is None and slot.status == 'empty'
+
+
+def test_a_timing_task_runs_in_the_worker_thread_or_here_when_no_worker_serves():
+    slot = EngineSlot(factory([]))
+    assert slot.on_worker(threading.get_ident) == threading.get_ident()  # no worker yet
+    stop = threading.Event()
+    worker_ids = []
+
+    def worker():
+        worker_ids.append(threading.get_ident())
+        slot.worker_serves = True
+        while not stop.is_set():
+            slot.serve_tasks()
+            time.sleep(0.01)
+        slot.worker_serves = False
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    while not slot.worker_serves:
+        time.sleep(0.01)
+    assert slot.on_worker(threading.get_ident) == worker_ids[0]
+    stop.set()
+    thread.join()
+    assert slot.on_worker(lambda: 'served here') == 'served here'
