@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import json
-import logging
 import os
 from pathlib import Path
 import tempfile
@@ -21,8 +20,6 @@ import tempfile
 from cnn_rnn_perception.model import (
     CHECKPOINT_FORMAT, CheckpointInfo, CnnRnnClassifier, ModelConfig, Preprocessing)
 import torch
-
-_LOG = logging.getLogger(__name__)
 
 FORMATS = ('onnx', 'openvino')
 METADATA_KEY = 'cnn_rnn_perception'
@@ -97,20 +94,11 @@ def read_exported(path: str | os.PathLike) -> CheckpointInfo:
                           Preprocessing(**data['preprocessing']))
 
 
-def check_exportable(config: ModelConfig) -> None:
-    """Refuse, with the reason, configurations an export would get wrong (none known today)."""
-    if config.trunk_weights and not Path(config.trunk_weights).is_file():
-        # The weights are in the checkpoint; the path only says where they came from.
-        _LOG.info('trunk_weights %s is not on this machine; the checkpoint holds the weights',
-                  config.trunk_weights)
-
-
 def export_onnx(model: CnnRnnClassifier, labels: list[str], preprocessing: Preprocessing,
                 output: str | os.PathLike) -> Path:
     """Write ``model`` (with softmax, dynamic batch, metadata) to an ONNX file."""
     onnx = require('onnx')
     require('onnxscript')  # torch's exporter needs it; say so before it does, with the fix
-    check_exportable(model.config)
     output = Path(output)
     wrapper = _Probabilities(model.eval()).eval()
     example = torch.zeros(2, 3, *preprocessing.input_size)

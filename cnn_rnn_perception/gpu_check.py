@@ -138,18 +138,23 @@ def run_checks(out: Path) -> int:
     summary: list[dict] = []
     _step('pytest-gpu', [sys.executable, '-m', 'pytest', '-m', 'gpu', '-ra', 'test/'], out,
           120, summary)
-    _step('selftest', tool + ['selftest', '--device', 'cuda', '--no-progress',
-                              '--json', str(out / 'selftest.json')], out, 150, summary)
+    # Batch 1 and 8: every path compiles per batch size, and the 6-minute budget is the
+    # limit; inductor's cache shares identical graphs between the paths.
+    _step('selftest', tool + ['selftest', '--device', 'cuda', '--batch-sizes', '1,8',
+                              '--no-progress', '--json', str(out / 'selftest.json')],
+          out, 150, summary)
     for precision in ('fp32', 'bf16'):
         _step(f'bench-{precision}', tool + [
             'bench', '--device', 'cuda', '--precision', precision, '--batch-sizes', '1,8,256',
             '--iterations', '30', '--no-progress',
             '--json', str(out / f'bench-{precision}.json')], out, 150, summary)
     for cameras in (1, 4):
+        # Eager trunk, CUDA graphs still on: this row measures the node's overhead and
+        # whether 4 x 30 Hz is all classified, not the trunk's compiled speed (bench's rows).
         _step(f'bench-node-{cameras}cam', tool + [
             'bench-node', '--device', 'cuda', '--cameras', str(cameras), '--rates', '30',
-            '--duration', '15', '--no-progress',
-            '--json', str(out / f'bench-node-{cameras}cam.json')], out, 90, summary)
+            '--duration', '15', '--warmup', '5', '--no-compile', '--no-progress',
+            '--json', str(out / f'bench-node-{cameras}cam.json')], out, 60, summary)
     passed = all(step['returncode'] == 0 for step in summary)
     (out / 'summary.json').write_text(json.dumps({'passed': passed, 'steps': summary},
                                                  indent=2))
