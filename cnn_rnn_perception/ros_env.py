@@ -14,6 +14,11 @@ import sys
 import threading
 
 
+# Fast DDS 3 (Kilted) reads the first; Fast DDS 2 (Humble, Jazzy) reads only the second. With
+# one of them alone, Jazzy ran without the 16 MB segment and lost 307 KB best-effort frames.
+PROFILE_VARIABLES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+
+
 def dds_profile() -> str | None:
     """Return config/fastdds_shm.xml from a source checkout, a pip or a colcon install."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -40,7 +45,8 @@ def use_loopback_dds(domain_id: int | None = None) -> int:
     # Large camera frames need the 16 MB shared-memory segment (see config/fastdds_shm.xml).
     profile = dds_profile()
     if profile:
-        os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', profile)
+        for name in PROFILE_VARIABLES:
+            os.environ.setdefault(name, profile)
     return domain_id
 
 

@@ -58,7 +58,10 @@ def generate_launch_description():
             'dds_profile', default_value=os.path.join(share, 'config', 'fastdds_shm.xml'),
             description='Fast DDS profile with a 16 MB shared-memory segment, so best-effort '
                         'camera frames arrive; load the same file in the camera driver'),
+        # Fast DDS 3 (Kilted) reads the first name, Fast DDS 2 (Humble, Jazzy) the second.
         SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE',
+                               LaunchConfiguration('dds_profile')),
+        SetEnvironmentVariable('FASTRTPS_DEFAULT_PROFILES_FILE',
                                LaunchConfiguration('dds_profile')),
         OpaqueFunction(function=_node),
     ])
