@@ -9,6 +9,7 @@ timings and batching are the same for torch, ONNX Runtime and OpenVINO.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from dataclasses import dataclass
 import logging
@@ -147,7 +148,7 @@ class Classification:
         return self.top_k[0][1]
 
 
-class EngineBase:
+class EngineBase(abc.ABC):
     """
     Frames in, classifications out; a backend subclass supplies ``_probabilities``.
 
@@ -164,10 +165,10 @@ class EngineBase:
         self.labels = list(labels)
         self.preprocessing = preprocessing
 
+    @abc.abstractmethod
     def _probabilities(self, frames: list[np.ndarray], orders: list[str],
                        streams: list[Hashable]) -> tuple[np.ndarray, float]:
         """Return probabilities [B, classes] and the time the input was ready for the model."""
-        raise NotImplementedError  # each backend module defines it
 
     def _device(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

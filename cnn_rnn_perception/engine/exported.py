@@ -9,6 +9,7 @@ softmax). ``onnxruntime_backend`` and ``openvino_backend`` supply only ``_load``
 
 from __future__ import annotations
 
+import abc
 import os
 import time
 from typing import Hashable
@@ -43,14 +44,17 @@ class ExportedEngine(EngineBase):
             self.close()
             raise
 
+    @abc.abstractmethod
     def _load(self, path: str, device: str) -> None:
-        raise NotImplementedError  # each runtime module defines it
+        """Load the file on ``device``; set ``self.device`` and ``self.target``."""
 
+    @abc.abstractmethod
     def _run(self, images: np.ndarray) -> np.ndarray:
-        raise NotImplementedError  # each runtime module defines it
+        """Float32 [B, 3, H, W] in, probabilities [B, classes] out."""
 
+    @abc.abstractmethod
     def _release(self) -> None:
-        raise NotImplementedError  # each runtime module defines it
+        """Drop what the runtime holds."""
 
     def close(self) -> None:
         """Drop the runtime's model, and the export made for it, if any."""
