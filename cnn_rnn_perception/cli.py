@@ -92,6 +92,11 @@ def _add_model_options(parser: argparse.ArgumentParser, *, title: str = 'model (
                        choices=('last', 'mean', 'max', 'attention'))
     group.add_argument('--input-size', type=_size, default=default((224, 224)), metavar='HxW',
                        help='model input height x width (default: 224x224)')
+    group.add_argument('--temporal', default=default(''), choices=('', 'gru', 'lstm'),
+                       help='a recurrent stage across frames, its state carried per camera: '
+                            'gru or lstm; empty (default) classifies each frame alone')
+    group.add_argument('--temporal-hidden-size', type=int, default=default(128),
+                       help='state size of the temporal stage (default: 128)')
 
 
 def _model_config(args: argparse.Namespace, num_classes: int):
@@ -100,7 +105,8 @@ def _model_config(args: argparse.Namespace, num_classes: int):
 
 
 MODEL_FLAGS = ('backbone', 'sequence', 'strip', 'rnn', 'hidden_size', 'num_layers',
-               'bidirectional', 'dropout', 'pooling', 'input_size')
+               'bidirectional', 'dropout', 'pooling', 'input_size', 'temporal',
+               'temporal_hidden_size')
 
 
 def _model_flags(args: argparse.Namespace) -> dict:

@@ -97,6 +97,7 @@ def read_exported(path: str | os.PathLike) -> CheckpointInfo:
 def export_onnx(model: CnnRnnClassifier, labels: list[str], preprocessing: Preprocessing,
                 output: str | os.PathLike) -> Path:
     """Write ``model`` (with softmax, dynamic batch, metadata) to an ONNX file."""
+    check_exportable(model.config)
     onnx = require('onnx')
     require('onnxscript')  # torch's exporter needs it; say so before it does, with the fix
     output = Path(output)
@@ -142,6 +143,14 @@ class ExportReport:
     size_mb: float
 
 
+def check_exportable(config: ModelConfig) -> None:
+    """Refuse what the exported files cannot hold: the temporal stage's per-camera state."""
+    if config.temporal:
+        raise ValueError(f'this model has a temporal stage ({config.temporal}): its state '
+                         'per camera is carried by the torch backend only, and export does '
+                         'not write it; run the checkpoint with backend torch')
+
+
 def export(model: CnnRnnClassifier, labels: list[str], preprocessing: Preprocessing, *,
            fmt: str, output: str | os.PathLike, frames: int = 6) -> ExportReport:
     """Export, then check parity on generated frames; a file that disagrees is removed."""
@@ -151,6 +160,7 @@ def export(model: CnnRnnClassifier, labels: list[str], preprocessing: Preprocess
 
     if fmt not in FORMATS:
         raise ValueError(f'format must be one of {", ".join(FORMATS)}; got {fmt!r}')
+    check_exportable(model.config)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     writer = export_onnx if fmt == 'onnx' else export_openvino

@@ -3,8 +3,9 @@ selftest: every path the engine has on a device, on the same frames, against one
 
 What a robot owner runs after installing, to trust their GPU (or CPU) setup. The reference is
 the same weights in float32, eager, without static buffers, on the same device. Each path
-(eager, compiled, static buffers or CUDA graphs, carried recurrent state, and on a CPU each
-installed runtime: onnxruntime, openvino, on the same model exported) classifies the same
+(eager, compiled, static buffers or CUDA graphs, a temporal model's state carried beside
+another camera's, and on a CPU each installed runtime: onnxruntime, openvino, on the same
+model exported) classifies the same
 frames, mixed resolutions and colour orders and a uniform batch, at every batch size asked for;
 its largest absolute probability difference from the reference must stay within its
 precision's tolerance. A path that raises fails too, with its error.
@@ -74,7 +75,7 @@ def selftest_frames(count: int = 8) -> tuple[list[np.ndarray], list[str]]:
     return frames, orders
 
 
-def _paths(settings: EngineSettings, on_cuda: bool, compile_trunk: bool
+def _paths(settings: EngineSettings, on_cuda: bool, compile_trunk: bool, temporal: bool
            ) -> list[tuple[str, EngineSettings]]:
     eager = replace(settings, compile_trunk=False, static_buffers=False, cuda_graphs=False)
     paths = [('eager', eager)]
@@ -83,9 +84,12 @@ def _paths(settings: EngineSettings, on_cuda: bool, compile_trunk: bool
     static = replace(eager, compile_trunk=compile_trunk, static_buffers=True,
                      cuda_graphs=on_cuda)
     paths.append(('cuda graphs' if on_cuda else 'static buffers', static))
-    paths.append(('carried state', replace(eager, compile_trunk=compile_trunk,
-                                           carry_state=True)))
+    if temporal:
+        paths.append((TEMPORAL_PATH, static))
     return paths
+
+
+TEMPORAL_PATH = 'temporal state'
 
 
 def run_selftest(model: CnnRnnClassifier, *, labels: Sequence[str],
@@ -108,16 +112,16 @@ def run_selftest(model: CnnRnnClassifier, *, labels: Sequence[str],
                          settings=reference_settings) as reference:
         want = {id(frame): reference.infer([frame], color_order=order)[0].probabilities
                 for frame, order in zip(frames + uniform, orders + ['bgr'] * len(uniform))}
-    with InferenceEngine(model, labels=labels, preprocessing=preprocessing,
-                         settings=replace(reference_settings, carry_state=True)) as reference:
-        # One stream, each frame starting from the state the one before left.
-        carried_want = [reference.infer([frame], color_order=order,
-                                        streams=['camera'])[0].probabilities
-                        for frame, order in zip(frames, orders)]
+        # A temporal model: one stream on its own, each frame from the state the last left.
+        reference.reset_streams()
+        carried_want = [reference.infer([frame], color_order=order, streams=['camera'],
+                                        stamps=[0.1 * index])[0].probabilities
+                        for index, (frame, order) in enumerate(zip(frames, orders))]
 
     results = []
-    paths = _paths(base, torch_device.type == 'cuda', compile_trunk)
-    runtimes = [name for name in installed_backends() if name != 'torch'
+    temporal = bool(model.config.temporal)
+    paths = _paths(base, torch_device.type == 'cuda', compile_trunk, temporal)
+    runtimes = [name for name in installed_backends() if name != 'torch' and not temporal
                 and torch_device.type == 'cpu']  # the runtimes' GPU providers are optional
     with tempfile.TemporaryDirectory() as folder:
         if runtimes:
@@ -149,15 +153,16 @@ def _check_path(name: str, settings: EngineSettings, model: CnnRnnClassifier,
                 open_exported(exported, settings) if exported is not None else
                 InferenceEngine(model, labels=labels, preprocessing=preprocessing,
                                 settings=settings)) as engine:
-            if settings.carry_state:
-                got = [engine.infer([frame], color_order=order, streams=['camera'])[0]
-                       for frame, order in zip(frames, orders)]
+            if name == TEMPORAL_PATH:
+                # The same stream batched beside another camera: it must not notice.
+                started = time.perf_counter()
+                got = [engine.infer([frame, uniform[0]], color_order=[order, 'bgr'],
+                                    streams=['camera', 'other'],
+                                    stamps=[0.1 * index, 0.1 * index])[0]
+                       for index, (frame, order) in enumerate(zip(frames, orders))]
+                seconds, count = time.perf_counter() - started, 2 * len(frames)
                 worst = max(float(np.abs(result.probabilities - expected).max())
                             for result, expected in zip(got, carried_want))
-                started = time.perf_counter()
-                for frame, order in zip(frames, orders):
-                    engine.infer([frame], color_order=order, streams=['timed'])
-                seconds, count = time.perf_counter() - started, len(frames)
             else:
                 engine.warmup(batch_sizes=list(batch_sizes))
                 for size in batch_sizes:

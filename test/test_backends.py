@@ -1,5 +1,6 @@
 """Deployment backends: export, ONNX Runtime, OpenVINO, and auto, against the torch model."""
 
+from dataclasses import replace
 import json
 from pathlib import Path
 import subprocess
@@ -92,9 +93,10 @@ def test_what_a_backend_cannot_do_is_refused_with_the_reason(
     export(model, LABELS, PREPROCESSING, fmt='onnx', output=onnx_path)
     with pytest.raises(ValueError, match='is an exported model: run it with backend'):
         create_engine(onnx_path, CPU)
-    with pytest.raises(ValueError, match='carry_state .* needs the torch backend'):
-        create_engine(onnx_path, EngineSettings(device='cpu', backend='onnxruntime',
-                                                carry_state=True))
+    temporal = CnnRnnClassifier(replace(model.config, temporal='gru')).eval()
+    with pytest.raises(ValueError, match='temporal stage .* run the checkpoint with backend '
+                       'torch'):
+        export(temporal, LABELS, PREPROCESSING, fmt='onnx', output=tmp_path / 't.onnx')
     with pytest.raises(ValueError, match='OpenVINO model is an .xml file'):
         export(model, LABELS, PREPROCESSING, fmt='openvino', output=tmp_path / 'model.bin')
     # A runtime that is not installed: one line with the pip command.

@@ -1,5 +1,7 @@
 """The inference engine: agreement with the float32 reference, inputs, errors, streams."""
 
+from dataclasses import replace
+
 from cnn_rnn_perception.engine import (
     EngineSettings, InferenceEngine, resolve_device, resolve_precision)
 from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, Preprocessing, save_checkpoint
@@ -174,17 +176,70 @@ def test_results_carry_sorted_top_k_labels_and_stage_times():
         result.times.preprocess_ms + result.times.forward_ms + result.times.postprocess_ms)
 
 
-def test_per_stream_recurrent_state_is_kept_apart_and_resettable():
-    frame = camera_frames(1)[0]
-    tested = engine(EngineSettings(device='cpu', compile_trunk=False, carry_state=True))
-    first_a, first_b = tested.infer([frame, frame], streams=['a', 'b'])
-    np.testing.assert_allclose(first_a.probabilities, first_b.probabilities, atol=1e-6)
-    second_a, = tested.infer([frame], streams=['a'])
-    assert not np.allclose(second_a.probabilities, first_a.probabilities, atol=1e-6)
+TEMPORAL = replace(CONFIG, temporal='gru', temporal_hidden_size=16)
+
+
+def temporal_engine(settings: EngineSettings = EAGER_CPU) -> InferenceEngine:
+    torch.manual_seed(0)
+    return InferenceEngine(CnnRnnClassifier(TEMPORAL).eval(), labels=LABELS,
+                           preprocessing=Preprocessing.for_config(TEMPORAL), settings=settings)
+
+
+def stream_of(tested, frames, stream='a', start=0.0, period=0.1):
+    """Classify frames one call each, as a camera would send them; return probabilities."""
+    return [tested.infer([frame], streams=[stream], stamps=[start + period * index])[0]
+            .probabilities for index, frame in enumerate(frames)]
+
+
+@pytest.mark.parametrize('static', [False, True], ids=['eager', 'static-buffers'])
+def test_a_streams_state_is_unaffected_by_other_cameras_in_its_batches(static):
+    frames = camera_frames(6)
+    settings = replace(EAGER_CPU, static_buffers=static)
+    alone = stream_of(temporal_engine(settings), frames)
+    crowded = temporal_engine(settings)
+    mixed = []
+    for index, frame in enumerate(frames):
+        # Another camera in every batch, first or second, and a third that comes and goes.
+        others = [frames[-1 - index]] + ([frames[0]] if index % 2 else [])
+        names = ['b'] + (['c'] if index % 2 else [])
+        batch, streams = ([frame] + others, ['a'] + names) if index % 3 else (
+            others + [frame], names + ['a'])
+        results = crowded.infer(batch, streams=streams, stamps=[0.1 * index] * len(batch))
+        mixed.append(results[streams.index('a')].probabilities)
+    np.testing.assert_allclose(mixed, alone, atol=1e-5)
+    assert not np.allclose(alone[0], alone[3], atol=1e-4)  # the state does change the output
+
+
+def test_state_resets_on_a_gap_on_stamps_going_backwards_and_on_request():
+    frames = camera_frames(4)
+    tested = temporal_engine()
+    first = stream_of(tested, frames)
+    status = tested.stream_status()['a']
+    assert status.frames == 4 and status.age_s == pytest.approx(0.3)
+    # Within reset_after_s (1 s): carried, so the same frames read differently.
+    carried = stream_of(tested, frames, start=1.0)
+    assert not np.allclose(carried[0], first[0], atol=1e-4)
+    for start, reason in ((3.0, 'gap of 1.700 s'), (0.0, 'stamps went backwards')):
+        again = stream_of(tested, frames, start=start)
+        np.testing.assert_allclose(again, first, atol=1e-5)
+        assert tested.stream_status()['a'].reason.startswith(reason)
     tested.reset_streams('a')
-    again_a, second_b = tested.infer([frame, frame], streams=['a', 'b'])
-    np.testing.assert_allclose(again_a.probabilities, first_a.probabilities, atol=1e-6)
-    np.testing.assert_allclose(second_b.probabilities, second_a.probabilities, atol=1e-6)
+    np.testing.assert_allclose(stream_of(tested, frames, start=5.0), first, atol=1e-5)
+    tested.streams.set_reset_after(0.05)  # live: every 0.1 s gap now resets
+    each_fresh = stream_of(tested, frames, start=6.0)
+    unnamed = [tested.infer([frame])[0].probabilities for frame in frames]  # always fresh
+    np.testing.assert_allclose(each_fresh, unnamed, atol=1e-5)
+    assert tested.stream_status()['a'].frames == 1
+
+
+def test_a_streams_frames_in_one_call_run_in_order_and_a_per_frame_model_ignores_streams():
+    frames = camera_frames(3)
+    alone = stream_of(temporal_engine(), frames)
+    together = temporal_engine().infer(frames, streams=['a'] * 3, stamps=[0.0, 0.1, 0.2])
+    np.testing.assert_allclose([r.probabilities for r in together], alone, atol=1e-5)
+    plain = engine()
+    assert plain.stream_status() == {}
+    np.testing.assert_allclose(stream_of(plain, frames), stream_of(plain, frames), atol=1e-6)
 
 
 def test_engine_from_checkpoint_uses_its_labels_and_preprocessing(tmp_path):

@@ -139,14 +139,37 @@ def test_gradients_reach_the_trunk():
     assert first_conv is not None and first_conv.abs().sum() > 0
 
 
-def test_forward_with_state_carries_the_recurrent_state():
-    model = small_model(rnn='gru')
-    images = torch.randn(1, 3, 64, 96)
+@pytest.mark.parametrize('temporal', ['gru', 'lstm'])
+def test_a_clip_equals_its_frames_stepped_one_at_a_time_with_the_state_carried(temporal):
+    model = small_model(temporal=temporal, temporal_hidden_size=8).eval()
+    clips = torch.randn(2, 4, 3, 64, 96)
     with torch.no_grad():
-        logits, state = model.forward_with_state(images)
-        assert torch.allclose(logits, model(images))
-        continued, _ = model.forward_with_state(images, state)
-    assert not torch.allclose(logits, continued)
+        whole, final = model.forward_clips(clips)
+        state = model.zero_state(2)
+        for step in range(4):
+            logits, state = model.temporal_step(model.frame_vectors(clips[:, step]), state)
+            torch.testing.assert_close(logits, whole[:, step], atol=1e-5, rtol=1e-5)
+        # Two halves with the state handed over: truncated back-propagation reads the same.
+        _, half = model.forward_clips(clips[:, :2])
+        second, _ = model.forward_clips(clips[:, 2:], half)
+    torch.testing.assert_close(state, final)
+    torch.testing.assert_close(second, whole[:, 2:], atol=1e-5, rtol=1e-5)
+    # The first frame of a fresh stream is what plain forward gives; later ones differ.
+    torch.testing.assert_close(model(clips[:, 0]), whole[:, 0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(whole[:, 1], model(clips[:, 1]), atol=1e-4)
+
+
+def test_the_temporal_stage_is_off_by_default_and_recorded_in_the_checkpoint(tmp_path):
+    assert ModelConfig().temporal == '' and small_model().temporal is None
+    old_style = {k: v for k, v in small_model().config.to_dict().items()
+                 if not k.startswith('temporal')}
+    assert ModelConfig.from_dict(old_style).temporal == ''  # checkpoints from before load
+    model = small_model(temporal='lstm', temporal_hidden_size=8)
+    save_checkpoint(tmp_path / 'temporal.pt', model)
+    loaded = load_checkpoint(tmp_path / 'temporal.pt')
+    assert loaded.config.temporal == 'lstm' and loaded.model.temporal is not None
+    with pytest.raises(ValueError, match='temporal must be one of'):
+        ModelConfig(temporal='transformer')
 
 
 @pytest.mark.parametrize('name,sequence,bidirectional', [

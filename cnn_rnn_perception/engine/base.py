@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Hashable, Sequence
 
+from cnn_rnn_perception.engine.streams import check_reset_after, StreamMemory, StreamStatus
 from cnn_rnn_perception.model import Preprocessing
 from cnn_rnn_perception.postprocess import top_k as top_k_labels
 from cnn_rnn_perception.preprocess import check_color_order, check_frame
@@ -44,7 +45,9 @@ class EngineSettings:
     backend: str = 'torch'
     warmup_iterations: int = 2
     max_batch: int = 32
-    carry_state: bool = False
+    # Temporal models only: a stream whose frames are further apart than this starts afresh.
+    reset_after_s: float = 1.0
+    max_streams: int = 64
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -58,6 +61,9 @@ class EngineSettings:
         if self.max_batch < 1:
             raise ValueError(f'max_batch must be >= 1; got {self.max_batch}')
         parse_device_name(self.device)
+        check_reset_after(self.reset_after_s)
+        if self.max_streams < 1:
+            raise ValueError(f'max_streams must be >= 1; got {self.max_streams}')
 
 
 def parse_device_name(name: str) -> str:
@@ -157,6 +163,8 @@ class EngineBase(abc.ABC):
     """
 
     device: torch.device = torch.device('cpu')
+    # True for a model with a temporal stage: each stream's state is carried between calls.
+    temporal: bool = False
 
     def __init__(self, *, labels: Sequence[str], preprocessing: Preprocessing,
                  settings: EngineSettings) -> None:
@@ -164,11 +172,17 @@ class EngineBase(abc.ABC):
         self.settings = settings
         self.labels = list(labels)
         self.preprocessing = preprocessing
+        self.streams = StreamMemory(settings.max_streams, settings.reset_after_s)
 
     @abc.abstractmethod
     def _probabilities(self, frames: list[np.ndarray], orders: list[str],
-                       streams: list[Hashable]) -> tuple[np.ndarray, float]:
-        """Return probabilities [B, classes] and the time the input was ready for the model."""
+                       slots: list[int], fresh: list[bool]) -> tuple[np.ndarray, float]:
+        """
+        Return probabilities [B, classes] and the time the input was ready for the model.
+
+        ``slots`` and ``fresh`` give each frame's row of the temporal state and whether it
+        starts afresh; models without a temporal stage ignore them.
+        """
 
     def _device(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -197,38 +211,60 @@ class EngineBase(abc.ABC):
     # -- inference ---------------------------------------------------------------------------
 
     def infer(self, frames: Sequence[np.ndarray], *, color_order: str | Sequence[str] = 'bgr',
-              streams: Sequence[Hashable] | None = None, top_k: int = 5
+              streams: Sequence[Hashable] | None = None,
+              stamps: Sequence[float | None] | None = None, top_k: int = 5
               ) -> list[Classification]:
         """
         Classify frames (uint8 HxW, HxWx1, HxWx3 or HxWx4 arrays of any size).
 
         ``color_order`` is 'rgb' or 'bgr', for all frames or one per frame. ``streams`` names
-        each frame's camera: with ``carry_state`` a camera's RNN starts from its last state.
-        Frames beyond ``max_batch`` are split into several forward passes.
+        each frame's camera and ``stamps`` its capture time in seconds: a temporal model
+        carries each stream's state from frame to frame, resetting it by the rules of
+        ``StreamMemory``; frames of one stream must come in stamp order. Frames beyond
+        ``max_batch``, and a stream's second frame in one call, go to further forward passes.
         """
         frames = [check_frame(frame) for frame in frames]
         count = len(frames)
         orders = ([check_color_order(color_order)] * count if isinstance(color_order, str)
                   else [check_color_order(order) for order in color_order])
         streams = list(streams) if streams is not None else [None] * count
-        if len(orders) != count or len(streams) != count:
-            raise ValueError(f'{count} frames but {len(orders)} colour orders and '
-                             f'{len(streams)} streams')
+        stamps = list(stamps) if stamps is not None else [None] * count
+        if len(orders) != count or len(streams) != count or len(stamps) != count:
+            raise ValueError(f'{count} frames but {len(orders)} colour orders, '
+                             f'{len(streams)} streams and {len(stamps)} stamps')
         if top_k < 1:
             raise ValueError('top_k must be >= 1')
         results: list[Classification] = []
-        step = self.settings.max_batch
-        for start in range(0, count, step):
-            chunk = slice(start, start + step)
-            results += self._infer_batch(frames[chunk], orders[chunk], streams[chunk], top_k)
+        for chunk in self._chunks(streams):
+            results += self._infer_batch([frames[i] for i in chunk], [orders[i] for i in chunk],
+                                         [streams[i] for i in chunk],
+                                         [stamps[i] for i in chunk], top_k)
         return results
 
+    def _chunks(self, streams: list[Hashable]) -> list[range]:
+        """Split frames into forward passes of at most max_batch, a stream at most once each."""
+        chunks, start, seen = [], 0, set()
+        for index, stream in enumerate(streams):
+            repeated = self.temporal and stream is not None and stream in seen
+            if index - start == self.settings.max_batch or repeated:
+                chunks.append(range(start, index))
+                start, seen = index, set()
+            seen.add(stream)
+        if start < len(streams):
+            chunks.append(range(start, len(streams)))
+        return chunks
+
     def _infer_batch(self, frames: list[np.ndarray], orders: list[str],
-                     streams: list[Hashable], k: int) -> list[Classification]:
+                     streams: list[Hashable], stamps: list[float | None],
+                     k: int) -> list[Classification]:
         started = time.perf_counter()
+        if self.temporal:
+            slots, fresh = self.streams.admit(streams, stamps)
+        else:
+            slots, fresh = [0] * len(frames), [True] * len(frames)
         try:
             with self._device():
-                probabilities, upload_done = self._probabilities(frames, orders, streams)
+                probabilities, upload_done = self._probabilities(frames, orders, slots, fresh)
         except torch.cuda.OutOfMemoryError as error:
             self._out_of_memory(len(frames))
             raise RuntimeError(
@@ -246,7 +282,12 @@ class EngineBase(abc.ABC):
                 for row, top, stream in zip(probabilities, results, streams)]
 
     def reset_streams(self, *streams: Hashable) -> None:
-        """Forget the recurrent state of the named streams (backends that carry none: no-op)."""
+        """Start the named streams afresh at their next frame, or every stream if none named."""
+        self.streams.forget(*streams)
+
+    def stream_status(self) -> dict[Hashable, StreamStatus]:
+        """Return what each stream's temporal state has seen (empty for per-frame models)."""
+        return self.streams.status() if self.temporal else {}
 
     def describe(self) -> str:
         """Return a one-line summary for logs and diagnostics."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import os
 import time
-from typing import Hashable
 
 from cnn_rnn_perception.engine.base import EngineBase, EngineSettings
 from cnn_rnn_perception.export import read_exported
@@ -28,9 +27,6 @@ class ExportedEngine(EngineBase):
 
     def __init__(self, path: str | os.PathLike, settings: EngineSettings) -> None:
         """Load the file, read its labels and preprocessing, and warm it up."""
-        if settings.carry_state:
-            raise ValueError('carry_state (per-camera recurrent state) needs the torch backend; '
-                             f'{self.backend} runs each frame alone')
         info = read_exported(path)
         super().__init__(labels=info.labels, preprocessing=info.preprocessing,
                          settings=settings)
@@ -66,7 +62,7 @@ class ExportedEngine(EngineBase):
             self._export_folder = None
 
     def _probabilities(self, frames: list[np.ndarray], orders: list[str],
-                       streams: list[Hashable]) -> tuple[np.ndarray, float]:
+                       slots: list[int], fresh: list[bool]) -> tuple[np.ndarray, float]:
         images = np.ascontiguousarray(
             frames_to_tensor_cpu(frames, orders, self.preprocessing).numpy())
         ready = time.perf_counter()

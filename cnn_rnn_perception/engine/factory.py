@@ -23,7 +23,8 @@ from cnn_rnn_perception.engine.exported import open_exported
 from cnn_rnn_perception.engine.torch_backend import InferenceEngine
 from cnn_rnn_perception.export import export_onnx, is_exported, PARITY_FP32
 from cnn_rnn_perception.model import (
-    CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing, seeded)
+    CnnRnnClassifier, default_labels, inspect_checkpoint, load_checkpoint, ModelConfig,
+    Preprocessing, seeded)
 import numpy as np
 
 _LOG = logging.getLogger('cnn_rnn_perception.engine')
@@ -80,6 +81,12 @@ def _model_parts(source: str | os.PathLike | None, config: ModelConfig | None,
             Preprocessing.for_config(config))
 
 
+def _is_temporal(source: str | os.PathLike | None, config: ModelConfig | None) -> bool:
+    if source and not is_exported(source):
+        config = inspect_checkpoint(source).config
+    return bool(config is not None and config.temporal)
+
+
 def create_engine(source: str | os.PathLike | None, settings: EngineSettings, *,
                   config: ModelConfig | None = None, labels: Sequence[str] | None = None,
                   seed: int = 0, run_timing: Callable[[Callable[[], Any]], Any] = _here
@@ -134,8 +141,8 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
     frames = camera_frames(timed_frames, frame_shape[0], frame_shape[1], seed=7)
     candidates = [name for name in installed_backends()
                   if not (source and is_exported(source) and name == 'torch')]
-    if settings.carry_state:
-        candidates = ['torch']
+    if _is_temporal(source, config):
+        candidates = ['torch']  # export refuses temporal models: only torch carries state
     precision = settings.precision
     if precision == 'bf16' and resolve_device(settings.device, quiet=True).type == 'cpu' \
             and not cpu_has_bf16():

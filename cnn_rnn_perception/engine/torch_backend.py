@@ -15,7 +15,8 @@ time, everything on the host):
   replayed, so tests exercise it. Keys depend on the batch size alone, so a warm-up of the
   batch sizes in use covers every camera resolution and colour order: nothing is compiled or
   captured in the inference thread after it.
-- Frames from several cameras run as one batch; each keeps its own recurrent state on request.
+- Frames from several cameras run as one batch; with a temporal model each camera keeps its
+  own state, in a table on the device that the captured graph reads and writes.
 
 No ROS imports: the node, the tools and the tests all drive this directly.
 """
@@ -27,13 +28,12 @@ import copy
 import logging
 import os
 import time
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Sequence
 
 from cnn_rnn_perception.engine.base import (
     EngineBase, EngineSettings, precision_name, resolve_device, resolve_precision)
 from cnn_rnn_perception.model import (
-    CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing,
-    RecurrentState, seeded)
+    CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing, seeded)
 from cnn_rnn_perception.preprocess import (
     frames_to_tensor_torch, frames_to_uint8_batch, normalisation, normalise_uint8_batch)
 import numpy as np
@@ -146,7 +146,7 @@ class InferenceEngine(EngineBase):
         self._unbuffered: set[int] = set()  # batch sizes whose buffers ran out of memory
         self._warm: set[int] = set()
         self._staging: dict[tuple, torch.Tensor] = {}  # pinned host buffers, by batch shape
-        self._states: dict[Hashable, RecurrentState] = {}
+        self.temporal = model.temporal is not None
         try:
             self._prepare(model)
             self.warmup()
@@ -189,6 +189,10 @@ class InferenceEngine(EngineBase):
         if self.settings.compile_trunk:
             self._run_trunk = torch.compile(trunk, dynamic=False)
         self._offset, self._scale = normalisation(self.preprocessing, self.device)
+        # One row per stream and a scratch row; made outside inference mode, like the static
+        # buffers, so writes to it inside inference mode are allowed.
+        self._state_table = torch.zeros(self.streams.capacity + 1, model.state_size,
+                                        device=self.device)
         self._memory_format = (torch.channels_last if self.settings.channels_last
                                else torch.contiguous_format)
 
@@ -246,15 +250,25 @@ class InferenceEngine(EngineBase):
                                                       pin_memory=True)
         return buffer
 
-    def _forward(self, images: torch.Tensor, state: RecurrentState | None = None
-                 ) -> tuple[torch.Tensor, RecurrentState]:
-        """Model input [B, 3, H, W] to probabilities [B, classes], entirely on the device."""
+    def _forward(self, images: torch.Tensor, slots: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Model input [B, 3, H, W] to probabilities [B, classes], entirely on the device.
+
+        A temporal model reads each frame's state row ``slots`` from the state table (zeroed
+        where ``keep`` is 0: a fresh stream) and writes the new state back in place, so the
+        state never leaves the device and a CUDA graph can capture the whole step.
+        """
         with compile_scope():
             feature_map = self._run_trunk(images).float()
         model = self._model
-        outputs, final_state = model.encode(model.to_sequence(feature_map), state)
-        logits = model.head(model.pool(outputs, final_state))
-        return torch.softmax(logits, dim=1), final_state
+        vectors = model.pool(*model.encode(model.to_sequence(feature_map)))
+        if model.temporal is None:
+            return torch.softmax(model.head(vectors), dim=1)
+        state = self._state_table.index_select(0, slots) * keep.unsqueeze(1)
+        logits, new_state = model.temporal_step(vectors, state)
+        self._state_table.index_copy_(0, slots, new_state)
+        return torch.softmax(logits, dim=1)
 
     def _out_of_memory(self, batch_size: int) -> None:
         # This batch size runs without static buffers from now on, so the next frames do not
@@ -269,81 +283,68 @@ class InferenceEngine(EngineBase):
         self._run_trunk = self._trunk
 
     def _probabilities(self, frames: list[np.ndarray], orders: list[str],
-                       streams: list[Hashable]) -> tuple[np.ndarray, float]:
+                       slots: list[int], fresh: list[bool]) -> tuple[np.ndarray, float]:
         """Return probabilities [B, classes] and the time the input reached the device."""
         size = len(frames)
-        if self._use_static and not self.settings.carry_state and size not in self._unbuffered:
+        if self._use_static and size not in self._unbuffered:
             path = self._static.get(size) or self._make_static(size)
             with torch.inference_mode():
                 self._model_input(frames, orders, out=path.input)
+                if self.temporal:
+                    path.slots.copy_(torch.tensor(slots), non_blocking=True)
+                    path.keep.copy_(torch.tensor([0.0 if f else 1.0 for f in fresh]),
+                                    non_blocking=True)
             uploaded = time.perf_counter()
             return path.run(), uploaded
-        state = self._gather_state(streams) if self.settings.carry_state else None
         with torch.inference_mode():
             images = self._model_input(frames, orders)
+            slot_index, keep = self._stream_rows(slots, fresh)
             uploaded = time.perf_counter()
-            probabilities, final_state = self._run_compiled(images, state, size)
+            probabilities = self._run_compiled(images, slot_index, keep, size)
             result = probabilities.float().cpu().numpy()
-        if self.settings.carry_state:
-            self._store_state(streams, final_state)
         return result, uploaded
 
-    def _run_compiled(self, images: torch.Tensor, state: RecurrentState | None,
-                      size: int) -> tuple[torch.Tensor, RecurrentState]:
+    def _stream_rows(self, slots: list[int], fresh: list[bool]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.temporal:
+            return None, None
+        return (torch.tensor(slots, device=self.device),
+                torch.tensor([0.0 if f else 1.0 for f in fresh], device=self.device))
+
+    def _run_compiled(self, images: torch.Tensor, slots: torch.Tensor | None,
+                      keep: torch.Tensor | None, size: int) -> torch.Tensor:
         """Run the model; a compile failure on a new batch size falls back to eager once."""
         if size in self._warm or self._run_trunk is self._trunk:
-            return self._forward(images, state)
+            return self._forward(images, slots, keep)
         try:
-            outputs = self._forward(images, state)
+            outputs = self._forward(images, slots, keep)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as error:  # inductor/triton failures have no common base class
             self._fall_back_to_eager(error)
-            outputs = self._forward(images, state)
+            outputs = self._forward(images, slots, keep)
         self._warm.add(size)
         return outputs
 
     def _make_static(self, size: int) -> _StaticPath:
         images = torch.zeros((size, 3, *self.preprocessing.input_size), dtype=self.dtype,
                              device=self.device).contiguous(memory_format=self._memory_format)
+        # Warm-up and capture run on the scratch row, which is always fresh.
+        slots = torch.full((size,), self.streams.scratch_slot, device=self.device)
+        keep = torch.zeros(size, device=self.device)
         with torch.inference_mode():
             # Compile (or fall back) before any capture: capture replays known kernels only.
-            self._run_compiled(images, None, size)
-        path = _StaticPath(lambda batch: self._forward(batch)[0], images,
-                           self.config.num_classes, capture=self._capture,
+            self._run_compiled(images, slots if self.temporal else None,
+                               keep if self.temporal else None, size)
+        if self.temporal:
+            forward = lambda batch: self._forward(batch, slots, keep)  # noqa: E731
+        else:
+            forward = self._forward
+        path = _StaticPath(forward, images, self.config.num_classes, capture=self._capture,
                            warmup_iterations=self.settings.warmup_iterations)
+        path.slots, path.keep = slots, keep
         self._static[size] = path
         return path
-
-    # -- per-stream recurrent state ----------------------------------------------------------
-
-    def _gather_state(self, streams: list[Hashable]) -> RecurrentState | None:
-        known = [self._states.get(stream) for stream in streams]
-        if all(state is None for state in known):
-            return None
-        layers = self.config.num_layers * self.config.directions
-        zeros = torch.zeros(layers, 1, self.config.hidden_size, device=self.device)
-        template = next(state for state in known if state is not None)
-        if isinstance(template, tuple):
-            return tuple(torch.cat([(s[i] if s is not None else zeros) for s in known], dim=1)
-                         for i in range(2))
-        return torch.cat([s if s is not None else zeros for s in known], dim=1)
-
-    def _store_state(self, streams: list[Hashable], state: RecurrentState) -> None:
-        for index, stream in enumerate(streams):
-            if stream is None:
-                continue
-            if isinstance(state, tuple):
-                self._states[stream] = tuple(s[:, index:index + 1].clone() for s in state)
-            else:
-                self._states[stream] = state[:, index:index + 1].clone()
-
-    def reset_streams(self, *streams: Hashable) -> None:
-        """Forget the recurrent state of the named streams, or of all when none are named."""
-        if not streams:
-            self._states.clear()
-        for stream in streams:
-            self._states.pop(stream, None)
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -352,8 +353,10 @@ class InferenceEngine(EngineBase):
         config = self.config
         words = [config.backbone, config.sequence, config.rnn]
         words += ['bidirectional'] if config.bidirectional else []
-        words += [config.pooling, f'{config.input_size[0]}x{config.input_size[1]}',
-                  f'on {self.device}', precision_name(self.dtype)]
+        words += [config.pooling]
+        words += [f'temporal-{config.temporal}'] if config.temporal else []
+        words += [f'{config.input_size[0]}x{config.input_size[1]}', f'on {self.device}',
+                  precision_name(self.dtype)]
         words += ['compiled'] if self._compiled else []
         if self._use_static:
             words.append('cuda-graphs' if self._capture else 'static-buffers')
@@ -367,8 +370,7 @@ class InferenceEngine(EngineBase):
         """Release the model and every captured graph; GPU memory returns to the pool."""
         self._static.clear()
         self._staging.clear()
-        self._states.clear()
-        for name in ('_model', '_trunk', '_run_trunk', '_offset', '_scale'):
+        for name in ('_model', '_trunk', '_run_trunk', '_offset', '_scale', '_state_table'):
             if hasattr(self, name):
                 delattr(self, name)
         if getattr(self, 'device', None) is not None and self.device.type == 'cuda':
