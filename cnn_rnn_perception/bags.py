@@ -101,10 +101,16 @@ class BagSource:
         self.topics = {c.topic: c.msgtype for c in self._reader.connections}
         self.is_ros2 = self._reader.is2
 
-    def raw_messages(self, topics: Sequence[str]) -> Iterator[tuple[str, str, int, bytes]]:
-        """Yield (topic, msgtype, recording time ns, serialized bytes) in recording order."""
+    def raw_messages(self, topics: Sequence[str], start_ns: int | None = None,
+                     stop_ns: int | None = None) -> Iterator[tuple[str, str, int, bytes]]:
+        """
+        Yield (topic, msgtype, recording time ns, serialized bytes) in recording order.
+
+        ``start_ns`` (included) and ``stop_ns`` (excluded) limit the recording times read.
+        """
         connections = [c for c in self._reader.connections if c.topic in topics]
-        for connection, log_time, raw in self._reader.messages(connections=connections):
+        for connection, log_time, raw in self._reader.messages(
+                connections=connections, start=start_ns, stop=stop_ns):
             yield connection.topic, connection.msgtype, log_time, raw
 
     def message_count(self, topics: Sequence[str]) -> int:
@@ -156,7 +162,8 @@ class BagSource:
         return Labels(times, labels)
 
     def frames(self, topics: Sequence[str], labels: Labels | None = None,
-               labels_by_stamp: bool = False) -> Iterator[BagFrame | BadMessage]:
+               labels_by_stamp: bool = False, start_ns: int | None = None,
+               stop_ns: int | None = None) -> Iterator[BagFrame | BadMessage]:
         """
         Yield frames in recording order; a message that cannot be read yields a BadMessage.
 
@@ -165,7 +172,7 @@ class BagSource:
         """
         count = 0
         try:
-            for topic, msgtype, log_time, raw in self.raw_messages(topics):
+            for topic, msgtype, log_time, raw in self.raw_messages(topics, start_ns, stop_ns):
                 count += 1
                 try:
                     message = self.deserialize(raw, msgtype)

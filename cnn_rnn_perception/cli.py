@@ -258,12 +258,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         from cnn_rnn_perception.engine import create_engine, EngineSettings
         settings = EngineSettings(device=args.device, precision=args.precision,
                                   compile_trunk=args.compile, max_batch=args.batch_size,
-                                  backend=args.backend)
+                                  backend=args.backend, reset_after_s=args.reset_after_s)
         engine = create_engine(args.checkpoint, settings)
         result = evaluate_bags(args.bags, engine, topics=args.topics,
                                label_topic=args.label_topic, labels_csv=args.labels_csv,
                                batch_size=args.batch_size, predictions_path=args.output,
-                               progress=not args.no_progress)
+                               smoothing=args.smoothing, progress=not args.no_progress)
         engine.close()
     if args.scenes and args.output:
         writer = PredictionWriter(args.output)
@@ -316,7 +316,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 TRAIN_FLAGS = ('epochs', 'batch_size', 'optimizer', 'lr', 'weight_decay', 'schedule', 'seed',
-               'workers', 'val_split', 'augment', 'hflip', 'freeze_trunk', 'device')
+               'workers', 'val_split', 'augment', 'hflip', 'freeze_trunk', 'device',
+               'clip_length', 'val_block_s', 'reset_after_s')
 
 
 def _train_settings(args: argparse.Namespace):
@@ -344,24 +345,39 @@ def _train_settings(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cnn_rnn_perception.train import bag_samples, image_folder_samples, train
+    from cnn_rnn_perception.train import bag_runs, bag_samples, image_folder_samples, train
 
     settings = _train_settings(args)
+    progress = not args.no_progress
+    if settings.model.temporal and not args.bags:
+        raise ValueError('--temporal trains on clips of recorded drives: give --bags with '
+                         '--label-topic')
     if args.bags:
         if not args.label_topic:
             raise ValueError('training from bags needs --label-topic')
-        classes, train_set, val_set, skipped = bag_samples(
-            args.bags, args.label_topic, settings.model.input_size, settings.val_split,
-            settings.seed)
+        if settings.model.temporal:
+            classes, split, skipped = bag_runs(args.bags, args.label_topic, settings,
+                                               progress=progress)
+            train_set, val_set = split.train, split.val
+            counts = (sum(map(len, train_set)), sum(map(len, val_set)))
+            print(f'{counts[0]} training and {counts[1]} validation frames in '
+                  f'{len(train_set)} and {len(val_set)} runs, clips of {settings.clip_length}')
+        else:
+            classes, train_set, val_set, skipped, how = bag_samples(
+                args.bags, args.label_topic, settings, progress=progress)
+            split = None
+            counts = (len(train_set.items), len(val_set.items))
+            print(f'{counts[0]} training and {counts[1]} validation frames')
+        print(split.description if split else how)
     elif args.data:
         classes, train_set, val_set, skipped = image_folder_samples(
             args.data, settings.val_split, settings.seed)
+        print(f'{len(train_set.items)} training and {len(val_set.items)} validation images')
     else:
         raise ValueError('give an image folder (DATA) or --bags with --label-topic')
     if skipped:
         print(f'skipped {len(skipped)} unreadable images or frames, e.g. {skipped[0]}')
-    print(f'{len(train_set.items)} training and {len(val_set.items)} validation images, '
-          f'classes: {", ".join(classes)}')
+    print(f'classes: {", ".join(classes)}')
     result = train(settings, classes=classes, train_samples=train_set, val_samples=val_set,
                    output=args.output, resume=args.resume, progress=not args.no_progress)
     print(f'best validation accuracy {result["best_val_accuracy"]:.4f}; checkpoints, '
@@ -370,18 +386,28 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from cnn_rnn_perception.synth import write_image_folder, write_recording
+    from cnn_rnn_perception.synth import (
+        write_ego_motion_drive, write_image_folder, write_recording)
 
     width, height = args.size
-    root = write_image_folder(f'{args.output}/images', train_per_class=args.train_per_class,
-                              val_per_class=args.val_per_class, seed=args.seed,
-                              height=height, width=width, progress=not args.no_progress)
-    print(f'wrote {root}/train and {root}/val')
+    progress = not args.no_progress
+    if args.drive != 'ego-motion':
+        root = write_image_folder(f'{args.output}/images', train_per_class=args.train_per_class,
+                                  val_per_class=args.val_per_class, seed=args.seed,
+                                  height=height, width=width, progress=progress)
+        print(f'wrote {root}/train and {root}/val')
     for index in range(args.recordings):
-        path = write_recording(f'{args.output}/recording_{index}', scenes=args.scenes,
-                               rate_hz=args.rate, seed=args.seed + 7919 * (index + 1),
-                               height=height, width=width, storage=args.storage,
-                               progress=not args.no_progress)
+        seed = args.seed + 7919 * (index + 1)
+        output = f'{args.output}/recording_{index}'
+        if args.drive == 'ego-motion':
+            path = write_ego_motion_drive(output, seconds=args.seconds, rate_hz=args.rate,
+                                          seed=seed, height=height, width=width,
+                                          storage=args.storage, progress=progress)
+        else:
+            path = write_recording(output, scenes=args.scenes, rate_hz=args.rate, seed=seed,
+                                   seconds_per_scene=args.seconds_per_scene, height=height,
+                                   width=width, storage=args.storage,
+                                   occluders=args.drive == 'occluded', progress=progress)
         print(f'wrote {path}')
     return 0
 
@@ -534,8 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
         description='Run a checkpoint over every image of one or more bags (rosbag2 '
                     'directories, .db3 or .mcap files, ROS 1 .bag), write per-frame '
                     'predictions, and with ground truth report accuracy, per-class '
-                    'precision/recall and a confusion matrix. --min-accuracy makes the exit '
-                    'code fail below a threshold, for CI.')
+                    'precision/recall, flicker (label changes per minute against the ground '
+                    "truth's own) and a confusion matrix. Each topic of each bag is one "
+                    'stream in stamp order: a temporal model carries and resets its state as '
+                    'in the node. --min-accuracy makes the exit code fail below a threshold, '
+                    'for CI.')
     evaluate.add_argument('bags', nargs='+', metavar='BAG')
     evaluate.add_argument('--checkpoint', help='the model to evaluate')
     evaluate.add_argument('--topics', nargs='+', metavar='TOPIC',
@@ -557,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument('--remap', nargs='+', default=[], metavar='FROM:=TO',
                           help='with --scenes: the remaps the replay was given, so scenes on '
                                'a remapped topic find their frames in the bag')
+    evaluate.add_argument('--smoothing', type=float, default=0.0,
+                          help="average each stream's probabilities over time with this "
+                               "weight, as the node's smoothing parameter does (default: 0)")
+    evaluate.add_argument('--reset-after-s', type=float, default=1.0,
+                          help='temporal models: a stream whose frames are further apart than '
+                               'this starts afresh, as temporal.reset_after_s in the node '
+                               '(default: 1.0)')
     evaluate.add_argument('--compile', action='store_true', help='torch.compile the trunk')
     evaluate.add_argument('--no-progress', action='store_true', help='no progress bar')
     _add_engine_options(evaluate)
@@ -624,6 +660,17 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument('--trunk-weights', help='local torchvision weights file for the trunk')
     trainer.add_argument('--device', help='auto, cpu, cuda or cuda:N (default: auto)')
     trainer.add_argument('--no-progress', action='store_true', help='no progress bars')
+    bags = trainer.add_argument_group('bags and temporal models')
+    bags.add_argument('--clip-length', type=int,
+                      help='with --temporal: consecutive frames per clip; each lane carries '
+                           'its state from clip to clip and back-propagates this far '
+                           '(default: 16). --batch-size then counts clips')
+    bags.add_argument('--val-block-s', type=float,
+                      help='bags are validated on held-out time blocks this long, never on '
+                           'random frames (default: 10)')
+    bags.add_argument('--reset-after-s', type=float,
+                      help='a stamp gap longer than this ends a run, as it resets the state '
+                           'of a temporal model in the node (default: 1.0)')
     _add_model_options(trainer, title='model (flags override --config)', defaults=False)
     trainer.set_defaults(handler=_train)
 
@@ -637,7 +684,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument('--train-per-class', type=int, default=200)
     synth.add_argument('--val-per-class', type=int, default=40)
     synth.add_argument('--recordings', type=int, default=1)
+    synth.add_argument('--drive', choices=('scenes', 'occluded', 'ego-motion'), default='scenes',
+                       help='what the recordings show: scenes (default); occluded: scenes '
+                            'with figures crossing close to the camera, the label unchanged; '
+                            'ego-motion: a floor seen while moving, labelled forward, '
+                            'turning_left, turning_right or stopped, which no single frame '
+                            'tells (recordings only)')
     synth.add_argument('--scenes', type=int, default=12, help='scenes per recording')
+    synth.add_argument('--seconds-per-scene', type=float, default=2.0)
+    synth.add_argument('--seconds', type=float, default=60.0,
+                       help='length of each ego-motion recording (default: 60)')
     synth.add_argument('--rate', type=float, default=15.0, help='recording frame rate (Hz)')
     synth.add_argument('--size', type=_size, default=(320, 240), metavar='WxH')
     synth.add_argument('--storage', choices=('sqlite3', 'mcap'), default='sqlite3')

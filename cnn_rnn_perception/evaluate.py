@@ -4,6 +4,11 @@ Offline evaluation: the engine over every frame of one or more bags, scored agai
 Reading and decoding run in a thread of their own, feeding batches to the engine through a
 bounded queue, so IO and inference overlap. Frames that fail to decode are counted per topic
 and skipped. The same scoring code scores a replay run's recorded ``~/scene`` output.
+
+Each topic of each bag is one stream, with its frames' stamps: a temporal model carries its
+state along it and resets it by the engine's rules, exactly as in the node. Besides accuracy,
+*flicker* counts how often the label changes per minute of each stream, against how often the
+ground truth itself changes: a navigation stack acts on every change.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Iterable, Sequence
 from cnn_rnn_perception.bags import BadMessage, BagError, BagFrame, BagSource, Labels
 from cnn_rnn_perception.engine import InferenceEngine
 from cnn_rnn_perception.image_conversion import ImageRejected, message_to_frame
+from cnn_rnn_perception.postprocess import ProbabilitySmoother, top_k as top_k_labels
 import numpy as np
 from tqdm import tqdm
 
@@ -81,13 +87,41 @@ def score(truths: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
             'confusion': confusion.tolist()}
 
 
+def flicker(predictions: Iterable[Prediction]) -> dict[str, Any]:
+    """
+    Return label changes per minute, predicted and true, over every stream (bag and topic).
+
+    Each stream is read in stamp order; its minutes run from its first frame to its last.
+    ``ratio`` is predicted over true changes: 1 is a perfectly steady model, 5 one that
+    changes its mind five times for every real change.
+    """
+    streams: dict[tuple[str, str], list[Prediction]] = {}
+    for prediction in predictions:
+        streams.setdefault((prediction.bag, prediction.topic), []).append(prediction)
+    predicted = true = 0
+    minutes = 0.0
+    for frames in streams.values():
+        frames.sort(key=lambda p: p.stamp)
+        minutes += (frames[-1].stamp - frames[0].stamp) / 60.0
+        predicted += sum(a.label != b.label for a, b in zip(frames, frames[1:]))
+        labelled = [p.truth for p in frames if p.truth is not None]
+        true += sum(a != b for a, b in zip(labelled, labelled[1:]))
+    if minutes <= 0:
+        return {'flicker_per_min': None, 'truth_changes_per_min': None, 'flicker_ratio': None}
+    return {'flicker_per_min': predicted / minutes, 'truth_changes_per_min': true / minutes,
+            'flicker_ratio': predicted / true if true else None}
+
+
 def format_scores(scores: dict[str, Any]) -> str:
     """Render per-class metrics and the confusion matrix as text."""
     labels = scores['labels']
     corner = 'truth \\ predicted'
     width = max(len(label) for label in labels + [corner])
-    lines = [f'accuracy {scores["accuracy"]:.4f} over {scores["scored_frames"]} labelled frames',
-             '', f'{"class":<{width}}  precision  recall  support']
+    lines = [f'accuracy {scores["accuracy"]:.4f} over {scores["scored_frames"]} labelled frames']
+    if scores.get('flicker_per_min') is not None:
+        lines.append(f'flicker {scores["flicker_per_min"]:.1f} label changes per minute, '
+                     f'ground truth {scores["truth_changes_per_min"]:.1f}')
+    lines += ['', f'{"class":<{width}}  precision  recall  support']
     for label in labels:
         metrics = scores['per_class'][label]
         precision = '-' if metrics['precision'] is None else f'{metrics["precision"]:.3f}'
@@ -208,8 +242,15 @@ def evaluate_bags(paths: Sequence[str], engine: InferenceEngine, *,
                   topics: Sequence[str] | None = None, label_topic: str | None = None,
                   labels_csv: str | None = None, batch_size: int = 16,
                   predictions_path: str | Path | None = None, top_k: int = 5,
+                  smoothing: float = 0.0, smoothing_reset_s: float = 2.0,
                   progress: bool = True) -> dict[str, Any]:
-    """Run the engine over every frame; return predictions, counts, throughput and scores."""
+    """
+    Run the engine over every frame; return predictions, counts, throughput and scores.
+
+    ``smoothing`` averages each stream's probabilities over time as the node's ``smoothing``
+    parameter does, so a per-frame model can be scored the way it would run.
+    """
+    smoother = ProbabilitySmoother(smoothing, smoothing_reset_s)
     if label_topic and labels_csv:
         raise ValueError('give either a label topic or a labels CSV, not both')
     bad = BadFrames()
@@ -248,13 +289,21 @@ def evaluate_bags(paths: Sequence[str], engine: InferenceEngine, *,
                 continue
             infer_started = time.perf_counter()
             results = engine.infer([frame for _, frame, _ in batch],
-                                   color_order=[order for _, _, order in batch], top_k=top_k)
+                                   color_order=[order for _, _, order in batch],
+                                   streams=[(record.bag, record.topic) for record, _, _ in batch],
+                                   stamps=[record.stamp_ns * 1e-9 for record, _, _ in batch],
+                                   top_k=top_k)
             engine_seconds += time.perf_counter() - infer_started
             for (record, _, _), result in zip(batch, results):
+                ranked = result.top_k
+                if smoothing:
+                    estimate = smoother.update((record.bag, record.topic),
+                                               record.stamp_ns * 1e-9, result.probabilities)
+                    ranked = top_k_labels(estimate, top_k, engine.labels)
                 prediction = Prediction(
                     bag=record.bag, topic=record.topic, stamp=record.stamp_ns * 1e-9,
-                    frame_id=record.frame_id, label=result.label, score=result.score,
-                    top_k=result.top_k, truth=record.label)
+                    frame_id=record.frame_id, label=ranked[0][0], score=ranked[0][1],
+                    top_k=ranked, truth=record.label)
                 predictions.append(prediction)
                 writer.write(prediction)
             bar.update(len(batch))
@@ -270,7 +319,7 @@ def evaluate_bags(paths: Sequence[str], engine: InferenceEngine, *,
         'bad_frame_reasons': bad.reasons, 'batch_size': batch_size,
         'frames_per_s': len(predictions) / elapsed if elapsed else None,
         'engine_frames_per_s': len(predictions) / engine_seconds if engine_seconds else None,
-        'engine': engine.describe(),
+        'engine': engine.describe(), 'smoothing': smoothing,
     }
     if summary['frames_per_s'] and summary['engine_frames_per_s']:
         summary['throughput_vs_engine'] = summary['frames_per_s'] / summary['engine_frames_per_s']
@@ -278,11 +327,12 @@ def evaluate_bags(paths: Sequence[str], engine: InferenceEngine, *,
     return {'summary': summary, 'predictions': predictions}
 
 
-def _scores_of(predictions: Iterable[Prediction], labels: Sequence[str]) -> dict[str, Any]:
+def _scores_of(predictions: Sequence[Prediction], labels: Sequence[str]) -> dict[str, Any]:
     labelled = [p for p in predictions if p.truth is not None]
     if not labelled:
         return {'accuracy': None, 'scored_frames': 0}
-    return score([p.truth for p in labelled], [p.label for p in labelled], labels)
+    return {**score([p.truth for p in labelled], [p.label for p in labelled], labels),
+            **flicker(predictions)}
 
 
 def score_scene_recording(scenes_path: str | Path, bag_path: str, *, label_topic: str | None,

@@ -87,6 +87,10 @@ def _compiles(values: dict[str, Any]) -> bool:
     return bool(values['compile']) and values['backend'] in ('torch', 'auto')
 
 
+def _seconds(stamp: Any) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
 def _plain(value: Any) -> Any:
     """Parameter values as plain Python: arrays as lists."""
     return list(value) if not isinstance(value, (str, bytes, bool, int, float)) else value
@@ -513,10 +517,13 @@ class PerceptionNode(LifecycleNode):
                     handled.add(topic)
                 return
             try:
+                # A live change applies from this batch on, whichever engine is serving.
+                model.engine.streams.set_reset_after(self._values['temporal.reset_after_s'])
                 # top_k=1: the published top-k is taken after smoothing, in _publish_result.
-                results = model.engine.infer([item[3] for item in batch],
-                                             color_order=[item[4] for item in batch],
-                                             streams=[item[0] for item in batch], top_k=1)
+                results = model.engine.infer(
+                    [item[3] for item in batch], color_order=[item[4] for item in batch],
+                    streams=[item[0] for item in batch],
+                    stamps=[_seconds(item[1].header.stamp) for item in batch], top_k=1)
             except (ValueError, RuntimeError) as error:
                 for topic, *_ in batch:
                     self._reject(topic, f'inference failed: {error}')
@@ -535,8 +542,8 @@ class PerceptionNode(LifecycleNode):
 
     def _publish_result(self, topic: str, header: Any, received_at: float, result: Any,
                         labels: list[str]) -> None:
-        stamp = header.stamp.sec + header.stamp.nanosec * 1e-9
-        probabilities = self._smoother.update(topic, stamp, result.probabilities)
+        probabilities = self._smoother.update(topic, _seconds(header.stamp),
+                                              result.probabilities)
         best = top_k(probabilities, int(self._values['top_k']), labels,
                      float(self._values['score_threshold']))
         node_ms = (time.monotonic() - received_at) * 1e3
@@ -600,6 +607,7 @@ class PerceptionNode(LifecycleNode):
         stalled_after = silent_after + (1.0 / rate if rate > 0 else 0.0)
         name = self.get_fully_qualified_name()
         hardware_id = str(model.engine.device) if model is not None else ''
+        memory = model.engine.stream_status() if model is not None else {}
         if not self._stats:
             level, message = problem or (0, self._state)
             array.status.append(DiagnosticStatus(
@@ -614,6 +622,10 @@ class PerceptionNode(LifecycleNode):
                 level, message = problem or (0, self._state)
             elif problem is not None and problem[0] > level:
                 level, message = problem
+            if topic in memory:  # a temporal model: how much of this camera it remembers
+                snapshot.update(state_age_s=memory[topic].age_s,
+                                state_frames=memory[topic].frames,
+                                state_started_by=memory[topic].reason)
             values = [KeyValue(key=key, value='' if value is None else
                                (f'{value:.2f}' if isinstance(value, float) else str(value)))
                       for key, value in snapshot.items()]

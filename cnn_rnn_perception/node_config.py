@@ -87,6 +87,10 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   'class history; 0 = off.', live=True, minimum=0.0, maximum=0.99),
     ParameterSpec('smoothing_reset_s', 2.0, 'A camera gap longer than this (by frame stamps) '
                   'drops its history.', live=True, minimum=0.001, maximum=3600.0),
+    ParameterSpec('temporal.reset_after_s', 1.0, 'Temporal models: a camera whose frames are '
+                  'further apart than this (by their stamps) starts its state afresh, as it '
+                  'does when its stamps go backwards.', live=True, minimum=0.001,
+                  maximum=3600.0),
     ParameterSpec('silent_after_s', 2.0, 'Diagnostics warn when a camera sends nothing for '
                   'this long, and report an error when frames arrive but none is classified '
                   'for this long.', live=True, minimum=0.1, maximum=3600.0),
@@ -268,7 +272,8 @@ def engine_settings(values: dict[str, Any], camera_count: int, *,
     """Build the engine settings from parameters: one batch holds one frame per camera."""
     return EngineSettings(device=values['device'], precision=values['precision'],
                           compile_trunk=compiled, max_batch=max(camera_count, 1),
-                          backend=values['backend'])
+                          backend=values['backend'],
+                          reset_after_s=values['temporal.reset_after_s'])
 
 
 def stuck_after_s(silent_after_s: float) -> float:

@@ -9,6 +9,15 @@ are: ``doorway_left`` and ``doorway_right`` are mirror images of each other.
 Written as an ImageFolder dataset (``train/CLASS/*.png``, ``val/CLASS/*.png``) and as rosbag2
 recordings: an image topic at a camera rate with smooth transitions between scenes, a
 ``std_msgs/String`` label topic and ``sensor_msgs/CameraInfo``. Deterministic by seed.
+
+Two kinds of drive need time to label, for temporal models:
+
+- ``write_recording(..., occluders=True)``: scenes as above, with a figure crossing close to
+  the camera now and then (0.3 to 1 s); the scene label does not change while it passes.
+- ``write_ego_motion_drive``: a camera tilted at a floor under coloured lights, labelled by what
+  the robot does (``forward``, ``turning_left``, ``turning_right``, ``stopped``). Every frame
+  is a view of the same floor at some place, so no single frame tells the motion: only how the
+  view changes from frame to frame does.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 CLASSES = tuple(NAVIGATION_LABELS)
+MOTIONS = ('forward', 'turning_left', 'turning_right', 'stopped')
 
 
 @dataclass(frozen=True)
@@ -196,15 +206,56 @@ def _camera_info(bag, stamp_ns: int, height: int, width: int):
             x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
 
 
+@dataclass(frozen=True)
+class Occluder:
+    """A figure crossing the view close to the camera, from ``start`` for ``frames`` frames."""
+
+    start: int
+    frames: int
+    leftward: bool
+    colour: tuple
+    width: float   # fraction of the frame width
+
+
+def draw_occluders(total_frames: int, rate_hz: float, rng: np.random.Generator
+                   ) -> list[Occluder]:
+    """Figures crossing 0.3 to 1 s each, one every 2 to 5 s on average, never two at once."""
+    occluders, frame = [], int(rng.uniform(1.0, 3.0) * rate_hz)
+    while frame < total_frames:
+        length = max(int(round(rng.uniform(0.3, 1.0) * rate_hz)), 2)
+        occluders.append(Occluder(
+            start=frame, frames=length, leftward=bool(rng.random() < 0.5),
+            colour=tuple(int(v) for v in rng.integers(10, 90, 3)),
+            width=float(rng.uniform(0.3, 0.5))))
+        frame += length + int(rng.uniform(1.5, 4.5) * rate_hz)
+    return occluders
+
+
+def draw_occluder(frame: np.ndarray, occluder: Occluder, step: int) -> None:
+    """Draw a person-like silhouette (body and head) at its place ``step`` frames in."""
+    height, width = frame.shape[:2]
+    body = occluder.width * width
+    progress = (step + 0.5) / occluder.frames
+    if occluder.leftward:
+        progress = 1.0 - progress
+    centre = -body / 2 + progress * (width + body)
+    top = 0.22 * height
+    cv2.rectangle(frame, (int(centre - body / 2), int(top)), (int(centre + body / 2), height),
+                  occluder.colour, -1)
+    cv2.circle(frame, (int(centre), int(top)), int(body * 0.3), occluder.colour, -1)
+
+
 def write_recording(path: str | Path, *, scenes: int, seconds_per_scene: float = 2.0,
                     rate_hz: float = 15.0, seed: int = 0, height: int = 240, width: int = 320,
                     topic: str = '/camera/image_raw', label_topic: str = '/scene_label',
-                    storage: str = 'sqlite3', progress: bool = True) -> Path:
+                    storage: str = 'sqlite3', occluders: bool = False,
+                    progress: bool = True) -> Path:
     """
     Record a drive through ``scenes`` scenes as a rosbag2: frames, labels and CameraInfo.
 
     The camera moves forward through each scene; between scenes the frames cross-fade over a
-    third of a second, and the label switches at the middle of the fade.
+    third of a second, and the label switches at the middle of the fade. With ``occluders``,
+    figures cross the view now and then without changing the label.
     """
     from cnn_rnn_perception.bags import BagWriter
 
@@ -213,6 +264,11 @@ def write_recording(path: str | Path, *, scenes: int, seconds_per_scene: float =
                                                                  scenes))]
     parameters = [draw_parameters(label, rng) for label in labels]
     frames_per_scene = int(round(seconds_per_scene * rate_hz))
+    crossing = {}
+    if occluders:
+        for occluder in draw_occluders(scenes * frames_per_scene, rate_hz, rng):
+            crossing.update({occluder.start + step: (occluder, step)
+                             for step in range(occluder.frames)})
     fade = max(int(round(rate_hz / 3)), 1)
     start_ns, period_ns = 1_700_000_000 * 1_000_000_000, int(1e9 / rate_hz)
     path = Path(path)
@@ -233,6 +289,9 @@ def write_recording(path: str | Path, *, scenes: int, seconds_per_scene: float =
                     frame = cv2.addWeighted(frame, 1 - weight, following, weight, 0)
                     if weight >= 0.5:  # the label follows what dominates the picture
                         label = labels[scene_index + 1]
+                index = scene_index * frames_per_scene + step
+                if index in crossing:
+                    draw_occluder(frame, *crossing[index])
                 if label != written_label:
                     bag.write_label(label_topic, label, stamp)
                     written_label = label
@@ -241,4 +300,94 @@ def write_recording(path: str | Path, *, scenes: int, seconds_per_scene: float =
                                   _camera_info(bag, stamp, height, width))
                 bar.update(1)
         bar.close()
+    return path
+
+
+def draw_floor(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """
+    Draw a floor under coloured lights, ``height`` x ``width`` BGR, wrapping at its edges.
+
+    The light's colour changes smoothly across the floor (red and blue with x, green with y),
+    and tiles, patches and marks of other shades lie on it, so neighbouring views differ a
+    little and distant ones a lot, the way a real floor looks from a moving robot.
+    """
+    rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
+    period = width / 2
+    light = np.empty((height, width, 3), np.float32)
+    light[..., 0] = 128 + 100 * np.cos(2 * np.pi * columns / period)
+    light[..., 1] = 128 + 100 * np.sin(2 * np.pi * rows / (height / 2))
+    light[..., 2] = 128 + 100 * np.sin(2 * np.pi * columns / period)
+    shade = np.ones((height, width), np.float32)
+    for _ in range(int(height * width / 1500)):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        size = int(rng.integers(4, 16))
+        value = float(rng.uniform(0.75, 1.1))
+        if rng.random() < 0.5:
+            cv2.circle(shade, (x, y), size, value, -1)
+        else:
+            cv2.rectangle(shade, (x - size, y - size // 2), (x + size, y + size // 2), value, -1)
+    return np.clip(light * shade[..., None], 0, 255).astype(np.uint8)
+
+
+def _view(floor: np.ndarray, x: float, y: float, height: int, width: int) -> np.ndarray:
+    rows = (np.arange(height) + int(round(y))) % floor.shape[0]
+    columns = (np.arange(width) + int(round(x))) % floor.shape[1]
+    return floor[rows][:, columns]
+
+
+# How the floor moves in the image, per unit of speed: moving forward the floor flows down
+# the image (toward the camera); turning left it flows right, turning right it flows left.
+_FLOW = {'forward': (0.0, -1.0), 'turning_left': (-1.0, 0.0), 'turning_right': (1.0, 0.0),
+         'stopped': (0.0, 0.0)}
+
+
+def ego_motion_frames(seconds: float, *, rate_hz: float = 15.0, seed: int = 0,
+                      height: int = 96, width: int = 128,
+                      segment_s: tuple[float, float] = (2.0, 4.0)
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+    """
+    Yield (motion, frame) pairs of one drive: segments of one motion each, 2 to 4 s long.
+
+    The view moves 4 to 8% of the frame width per frame (at 15 Hz, a brisk turn), with a
+    little jitter; each frame has its own sensor noise. Deterministic by seed.
+    """
+    rng = np.random.default_rng(seed)
+    floor = draw_floor(rng, height * 4, width * 4)
+    x, y = rng.uniform(0, width * 4), rng.uniform(0, height * 4)
+    remaining = int(round(seconds * rate_hz))
+    while remaining > 0:
+        motion = MOTIONS[int(rng.integers(0, len(MOTIONS)))]
+        count = min(int(rng.uniform(*segment_s) * rate_hz), remaining)
+        speed = rng.uniform(0.04, 0.08) * width
+        flow_x, flow_y = _FLOW[motion]
+        for _ in range(count):
+            x += flow_x * speed + rng.normal(0, 0.3)
+            y += flow_y * speed + rng.normal(0, 0.3)
+            noisy = _view(floor, x, y, height, width) + rng.normal(0, 4, (height, width, 3))
+            yield motion, np.clip(noisy, 0, 255).astype(np.uint8)
+        remaining -= count
+
+
+def write_ego_motion_drive(path: str | Path, *, seconds: float, rate_hz: float = 15.0,
+                           seed: int = 0, height: int = 96, width: int = 128,
+                           topic: str = '/camera/image_raw', label_topic: str = '/scene_label',
+                           storage: str = 'sqlite3', progress: bool = True) -> Path:
+    """Record an ego-motion drive as a rosbag2: frames, motion labels (as scene labels)."""
+    from cnn_rnn_perception.bags import BagWriter
+
+    start_ns, period_ns = 1_700_000_000 * 1_000_000_000, int(1e9 / rate_hz)
+    total = int(round(seconds * rate_hz))
+    path = Path(path)
+    with BagWriter(path, storage=storage) as bag:
+        written_label = None
+        frames = ego_motion_frames(seconds, rate_hz=rate_hz, seed=seed, height=height,
+                                   width=width)
+        for index, (motion, frame) in enumerate(tqdm(frames, total=total, leave=False,
+                                                     desc='synth ego-motion',
+                                                     disable=not progress)):
+            stamp = start_ns + index * period_ns
+            if motion != written_label:
+                bag.write_label(label_topic, motion, stamp)
+                written_label = motion
+            bag.write_image(topic, frame, 'bgr8', stamp, 'camera')
     return path

@@ -6,6 +6,11 @@ trained on exactly what the engine will feed it. One process, or several through
 (DistributedDataParallel; gloo on CPUs, NCCL on GPUs): ``batch_size`` is the global batch, and
 every process takes its share of each step's samples from one shared, seeded permutation, so N
 processes see the same batches as one.
+
+A temporal model (``model.temporal``) trains on clips streamed from labelled bags: each step
+reads ``clip_length`` consecutive frames on each of ``batch_size`` lanes, carrying every lane's
+state to its next clip (truncated back-propagation through time; see ``clips``). Bag data is
+validated on held-out time blocks, for temporal and per-frame models alike.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from pathlib import Path
 import time
 from typing import Any, Sequence
 
-from cnn_rnn_perception.bags import BadMessage, BagSource
-from cnn_rnn_perception.image_conversion import ImageRejected, message_to_frame
+from cnn_rnn_perception.clips import (
+    ClipBatches, index_runs, plan_lanes, prefetched, read_run, Run, Split, split_by_time_blocks)
 from cnn_rnn_perception.model import (
     CnnRnnClassifier, load_checkpoint, ModelConfig, Preprocessing, save_checkpoint)
 from cnn_rnn_perception.preprocess import (
@@ -54,13 +59,19 @@ class TrainSettings:
     hflip: bool = False
     freeze_trunk: bool = False
     device: str = 'auto'
+    # Bag data: validation holds out time blocks this long; a stamp gap longer than
+    # reset_after_s ends a run (as it resets a temporal model's state in the engine).
+    val_block_s: float = 10.0
+    reset_after_s: float = 1.0
+    # Temporal models: frames per clip (back-propagation reaches this far back).
+    clip_length: int = 16
 
     def __post_init__(self) -> None:
         if self.optimizer not in ('adamw', 'sgd'):
             raise ValueError(f'optimizer must be adamw or sgd; got {self.optimizer!r}')
         if self.schedule not in ('cosine', 'step', 'constant'):
             raise ValueError(f'schedule must be cosine, step or constant; got {self.schedule!r}')
-        for name in ('epochs', 'batch_size'):
+        for name in ('epochs', 'batch_size', 'clip_length'):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1; got {getattr(self, name)}')
         if not 0.0 < self.val_split < 1.0:
@@ -150,35 +161,38 @@ def image_folder_samples(root: str | Path, val_split: float, seed: int
     return classes, train, val, skipped
 
 
-def bag_samples(paths: Sequence[str], label_topic: str, input_size: tuple[int, int],
-                val_split: float, seed: int, topics: Sequence[str] | None = None
-                ) -> tuple[list[str], Samples, Samples, list[str]]:
-    """Decode every labelled frame of the bags (resized, to keep memory small)."""
-    frames, labels, skipped = [], [], []
-    for path in paths:
-        with BagSource(path) as bag:
-            truth = bag.labels(label_topic)
-            for item in bag.frames(bag.image_topics(topics), truth):
-                if isinstance(item, BadMessage):
-                    skipped.append(item.reason)
+def bag_runs(paths: Sequence[str], label_topic: str, settings: TrainSettings,
+             topics: Sequence[str] | None = None, progress: bool = True
+             ) -> tuple[list[str], Split, list[str]]:
+    """Index labelled bags into runs, split by time blocks; (classes, split, skipped)."""
+    classes, runs, skipped = index_runs(paths, label_topic, topics, settings.reset_after_s,
+                                        progress)
+    return classes, split_by_time_blocks(runs, settings.val_split, settings.val_block_s), \
+        skipped
+
+
+def bag_samples(paths: Sequence[str], label_topic: str, settings: TrainSettings,
+                topics: Sequence[str] | None = None, progress: bool = True
+                ) -> tuple[list[str], Samples, Samples, list[str], str]:
+    """
+    Decode the labelled frames of bags (resized, to keep memory small) for a per-frame model.
+
+    Returns (classes, train, val, skipped, how validation was split).
+    """
+    classes, split, skipped = bag_runs(paths, label_topic, settings, topics, progress)
+    size = settings.model.input_size
+
+    def decode(runs: list[Run]) -> Samples:
+        frames, targets = [], []
+        for run in runs:
+            for frame, target in zip(read_run(run, size), run.targets):
+                if frame is None:
+                    skipped.append(f'{run.bag} {run.topic}: a frame no longer decodes')
                     continue
-                if item.label is None:
-                    skipped.append(f'{path} {item.topic}: frame before the first label')
-                    continue
-                try:
-                    frame, order = message_to_frame(item.message)
-                except ImageRejected as error:
-                    skipped.append(f'{path} {item.topic}: {error}')
-                    continue
-                frames.append(to_model_colors(resize_frame(frame, input_size), order, 'rgb'))
-                labels.append(item.label)
-    if not frames:
-        raise ValueError(f'no labelled frames in {", ".join(map(str, paths))} (label topic '
-                         f'{label_topic})')
-    classes = sorted(set(labels))
-    samples = Samples(frames, [classes.index(label) for label in labels])
-    train, val = _split(samples, val_split, seed)
-    return classes, train, val, skipped
+                frames.append(frame)
+                targets.append(target)
+        return Samples(frames, targets)
+    return classes, decode(split.train), decode(split.val), skipped, split.description
 
 
 class FrameDataset(Dataset):
@@ -317,14 +331,22 @@ def _resume_state(path: Path, config: ModelConfig, classes: list[str]) -> dict[s
     return {'model': checkpoint.model.state_dict(), **checkpoint.extra}
 
 
-def train(settings: TrainSettings, *, classes: list[str], train_samples: Samples,
-          val_samples: Samples, output: str | Path, resume: bool = False,
+def train(settings: TrainSettings, *, classes: list[str], train_samples: Samples | list[Run],
+          val_samples: Samples | list[Run], output: str | Path, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Train and write best.pt, last.pt, metrics.csv and curves.png; return the history."""
+    """
+    Train and write best.pt, last.pt, metrics.csv and curves.png; return the history.
+
+    A per-frame model takes ``Samples``; a temporal model takes runs (``bag_runs``).
+    """
     from cnn_rnn_perception.engine import resolve_device
 
     check_hflip(settings.hflip, classes)
     config = replace(settings.model, num_classes=len(classes))
+    temporal = bool(config.temporal)
+    if temporal != isinstance(train_samples, list):
+        raise ValueError('a temporal model trains on runs of labelled bags (--bags with '
+                         '--label-topic); a per-frame model on images or decoded frames')
     device = resolve_device(settings.device)
     distributed = start_distributed(device)
     if distributed.world > 1 and settings.batch_size % distributed.world:
@@ -348,59 +370,35 @@ def train(settings: TrainSettings, *, classes: list[str], train_samples: Samples
         scheduler.load_state_dict(state['scheduler'])
         history = list(state['history'])
         start_epoch = int(state['epoch'])
-    wrapped = model
+    wrapped: torch.nn.Module = _ClipModel(model) if temporal else model
     if distributed.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
+            wrapped, device_ids=[device.index] if device.type == 'cuda' else None)
     preprocessing = Preprocessing.for_config(config)
     offset, scale = normalisation(preprocessing, device)
-    train_set = FrameDataset(train_samples, config.input_size, augment=settings.augment,
-                             hflip=settings.hflip, seed=settings.seed)
-    val_set = FrameDataset(val_samples, config.input_size, augment=False, hflip=False,
-                           seed=settings.seed)
-    sampler = DistributedSampler(train_set, num_replicas=distributed.world,
-                                 rank=distributed.rank, shuffle=True, seed=settings.seed,
-                                 drop_last=True)
-    per_process = settings.batch_size // distributed.world
-    loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, drop_last=True,
-                        num_workers=settings.workers, persistent_workers=settings.workers > 0)
-    val_loader = DataLoader(val_set, batch_size=settings.batch_size,
-                            num_workers=settings.workers)
-    if len(loader) == 0:
-        raise ValueError(f'{len(train_set)} training images make no full batch of '
-                         f'{settings.batch_size}; lower --batch-size')
     use_amp = device.type == 'cuda'
-    best = max((row['val_accuracy'] for row in history), default=-1.0)
 
     def inputs(batch: torch.Tensor) -> torch.Tensor:
         return normalise_uint8_batch(batch.to(device, non_blocking=True), offset, scale)
 
+    loop = _Loop(settings, model, wrapped, optimizer, inputs, device, use_amp, distributed,
+                 progress)
+    if temporal:
+        run_epoch, validate = loop.clip_functions(train_samples, val_samples)
+    else:
+        run_epoch, validate = loop.frame_functions(train_samples, val_samples)
+    best = max((row['val_accuracy'] for row in history), default=-1.0)
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        train_set.epoch = epoch
         wrapped.train()
         if settings.freeze_trunk:
             model.trunk.eval()  # frozen BatchNorm statistics too
-        losses, correct, seen = [], 0, 0
-        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{settings.epochs}', leave=False,
-                   disable=not (progress and distributed.main))
-        for images, targets in bar:
-            targets = targets.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = wrapped(inputs(images))
-                loss = torch.nn.functional.cross_entropy(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            correct += int((logits.argmax(1) == targets).sum())
-            seen += len(targets)
-            bar.set_postfix(loss=f'{np.mean(losses):.3f}')
+        mean_loss, accuracy = run_epoch(epoch)
         scheduler.step()
-        train_loss = _mean_across(float(np.mean(losses)), distributed)
-        train_accuracy = _mean_across(correct / seen, distributed)
-        val_loss, val_accuracy = _validate(model, val_loader, inputs, device, use_amp)
+        train_loss = _mean_across(mean_loss, distributed)
+        train_accuracy = _mean_across(accuracy, distributed)
+        model.eval()
+        val_loss, val_accuracy = validate()
         row = {'epoch': epoch + 1, 'train_loss': train_loss, 'train_accuracy': train_accuracy,
                'val_loss': val_loss, 'val_accuracy': val_accuracy,
                'lr': optimizer.param_groups[0]['lr'],
@@ -428,19 +426,153 @@ def train(settings: TrainSettings, *, classes: list[str], train_samples: Samples
             'output': str(output)}
 
 
-def _validate(model, loader, inputs, device, use_amp) -> tuple[float, float]:
-    model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    with torch.no_grad():
-        for images, targets in loader:
-            targets = targets.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(inputs(images)).float()
-            total_loss += float(torch.nn.functional.cross_entropy(
-                logits, targets, reduction='sum'))
-            correct += int((logits.argmax(1) == targets).sum())
-            seen += len(targets)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+class _ClipModel(torch.nn.Module):
+    """``forward_clips`` as ``forward``, which is what DistributedDataParallel calls."""
+
+    def __init__(self, model: CnnRnnClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, clips: torch.Tensor, state: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_clips(clips, state)
+
+
+@dataclass
+class _Loop:
+    """What one epoch of training and one validation need, for frames or for clips."""
+
+    settings: TrainSettings
+    model: CnnRnnClassifier
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    inputs: Any
+    device: torch.device
+    use_amp: bool
+    distributed: Distributed
+    progress: bool
+
+    def _bar(self, iterable, total: int, description: str):
+        return tqdm(iterable, total=total, desc=description, leave=False,
+                    disable=not (self.progress and self.distributed.main))
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def frame_functions(self, train_samples: Samples, val_samples: Samples):
+        """Return (run one epoch, validate) over decoded frames."""
+        settings, distributed = self.settings, self.distributed
+        size = self.model.config.input_size
+        train_set = FrameDataset(train_samples, size, augment=settings.augment,
+                                 hflip=settings.hflip, seed=settings.seed)
+        val_set = FrameDataset(val_samples, size, augment=False, hflip=False,
+                               seed=settings.seed)
+        sampler = DistributedSampler(train_set, num_replicas=distributed.world,
+                                     rank=distributed.rank, shuffle=True, seed=settings.seed,
+                                     drop_last=True)
+        per_process = settings.batch_size // distributed.world
+        loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, drop_last=True,
+                            num_workers=settings.workers,
+                            persistent_workers=settings.workers > 0)
+        val_loader = DataLoader(val_set, batch_size=settings.batch_size,
+                                num_workers=settings.workers)
+        if len(loader) == 0:
+            raise ValueError(f'{len(train_set)} training images make no full batch of '
+                             f'{settings.batch_size}; lower --batch-size')
+
+        def run_epoch(epoch: int) -> tuple[float, float]:
+            sampler.set_epoch(epoch)
+            train_set.epoch = epoch
+            losses, correct, seen = [], 0, 0
+            bar = self._bar(loader, len(loader), f'epoch {epoch + 1}/{settings.epochs}')
+            for images, targets in bar:
+                targets = targets.to(self.device)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                    enabled=self.use_amp):
+                    logits = self.wrapped(self.inputs(images))
+                    loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+                self._step(loss)
+                losses.append(loss.item())
+                correct += int((logits.argmax(1) == targets).sum())
+                seen += len(targets)
+                bar.set_postfix(loss=f'{np.mean(losses):.3f}')
+            return float(np.mean(losses)), correct / seen
+
+        def validate() -> tuple[float, float]:
+            total_loss, correct, seen = 0.0, 0, 0
+            with torch.no_grad():
+                for images, targets in val_loader:
+                    targets = targets.to(self.device)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                        enabled=self.use_amp):
+                        logits = self.model(self.inputs(images)).float()
+                    total_loss += float(torch.nn.functional.cross_entropy(
+                        logits, targets, reduction='sum'))
+                    correct += int((logits.argmax(1) == targets).sum())
+                    seen += len(targets)
+            return total_loss / max(seen, 1), correct / max(seen, 1)
+        return run_epoch, validate
+
+    def _clips(self, batches: ClipBatches, model: torch.nn.Module, description: str):
+        """Yield (logits, targets) of valid frames, the state carried lane by lane."""
+        state = None
+        for batch in self._bar(prefetched(batches), len(batches), description):
+            frames = batch.frames.to(self.device, non_blocking=True)
+            lanes, length = frames.shape[:2]
+            clips = self.inputs(frames.flatten(0, 1)).unflatten(0, (lanes, length))
+            if state is None:
+                state = self.model.zero_state(lanes, self.device)
+            state = state * (~batch.fresh).to(self.device).unsqueeze(1)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                logits, state = model(clips, state)
+            state = state.detach().float()
+            valid = batch.valid.to(self.device)
+            yield logits[valid].float(), batch.targets.to(self.device)[valid]
+
+    def clip_functions(self, train_runs: list[Run], val_runs: list[Run]):
+        """Return (run one epoch, validate) over clips streamed from runs."""
+        settings, distributed = self.settings, self.distributed
+        size = self.model.config.input_size
+        lanes = settings.batch_size
+        if not train_runs or not val_runs:
+            raise ValueError('temporal training needs runs to train on and to validate on')
+
+        def run_epoch(epoch: int) -> tuple[float, float]:
+            def jitter(frame: np.ndarray, run_index: int) -> np.ndarray:
+                # The same camera-like change for every frame of a run: motion is untouched.
+                rng = np.random.default_rng([settings.seed, epoch, run_index])
+                return resize_frame(augment(frame, rng, settings.hflip), size)
+            plan = plan_lanes(train_runs, lanes, settings.clip_length,
+                              seed=settings.seed * 100_003 + epoch)
+            batches = ClipBatches(train_runs, plan[distributed.rank::distributed.world],
+                                  settings.clip_length, size,
+                                  augment=jitter if settings.augment else None)
+            losses, correct, seen = [], 0, 0
+            for logits, targets in self._clips(batches, self.wrapped,
+                                               f'epoch {epoch + 1}/{settings.epochs}'):
+                loss = torch.nn.functional.cross_entropy(logits, targets)
+                self._step(loss)
+                losses.append(loss.item())
+                correct += int((logits.argmax(1) == targets).sum())
+                seen += len(targets)
+            return float(np.mean(losses)), correct / max(seen, 1)
+
+        def validate() -> tuple[float, float]:
+            # Each held-out run is one stream from start to end, as the engine would run it.
+            plan = plan_lanes(val_runs, min(lanes, len(val_runs)), settings.clip_length, 0)
+            batches = ClipBatches(val_runs, plan, settings.clip_length, size)
+            total_loss, correct, seen = 0.0, 0, 0
+            with torch.no_grad():
+                for logits, targets in self._clips(batches, self.model.forward_clips,
+                                                   'validating'):
+                    total_loss += float(torch.nn.functional.cross_entropy(
+                        logits, targets, reduction='sum'))
+                    correct += int((logits.argmax(1) == targets).sum())
+                    seen += len(targets)
+            return total_loss / max(seen, 1), correct / max(seen, 1)
+        return run_epoch, validate
 
 
 def _plain(settings: TrainSettings) -> dict[str, Any]:

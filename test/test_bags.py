@@ -11,7 +11,7 @@ import time
 from cnn_rnn_perception.bags import BadMessage, BagError, BagSource, BagWriter, Labels
 from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
 from cnn_rnn_perception.evaluate import (
-    evaluate_bags, NO_LABEL, score, score_scene_recording)
+    evaluate_bags, flicker, NO_LABEL, Prediction, score, score_scene_recording)
 from cnn_rnn_perception.image_conversion import message_to_frame
 from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, save_checkpoint
 from cnn_rnn_perception.synthetic import camera_frame
@@ -233,3 +233,49 @@ def test_evaluate_warms_up_at_the_frame_shape_of_the_bag(tmp_path, checkpoint):
     evaluate_bags([str(bag)], engine, topics=['/front/image_raw'], batch_size=4,
                   progress=False)
     assert engine.warmed[-1][:2] == (120, 160)
+
+
+def _prediction(topic: str, stamp: float, label: str, truth: str) -> Prediction:
+    return Prediction(bag='b', topic=topic, stamp=stamp, frame_id='', label=label, score=1.0,
+                      top_k=[(label, 1.0)], truth=truth)
+
+
+def test_flicker_counts_label_changes_per_minute_of_each_stream_against_the_truth():
+    # Two streams of 30 s each (1 minute in all). cam_a: the truth changes once, the
+    # prediction 5 times (a brief flip and back, twice, plus the real change); cam_b steady.
+    truth = ['x'] * 15 + ['y'] * 15
+    guess = ['x', 'x', 'y', 'x'] + ['x'] * 5 + ['y', 'x'] + ['x'] * 4 + ['y'] * 15
+    predictions = [_prediction('/a', 30 / 29 * i, g, t) for i, (g, t) in
+                   enumerate(zip(guess, truth))]
+    predictions += [_prediction('/b', 100 + 30 / 29 * i, 'x', 'x') for i in range(30)][::-1]
+    result = flicker(predictions)
+    assert result['flicker_per_min'] == pytest.approx(5.0)
+    assert result['truth_changes_per_min'] == pytest.approx(1.0)
+    assert result['flicker_ratio'] == pytest.approx(5.0)
+
+
+def test_evaluate_runs_a_temporal_model_along_each_topic_as_the_node_would(tmp_path):
+    torch.manual_seed(0)
+    model = CnnRnnClassifier(ModelConfig(input_size=(64, 64), hidden_size=16, num_classes=3,
+                                         temporal='gru', temporal_hidden_size=8)).eval()
+    path = tmp_path / 'temporal.pt'
+    save_checkpoint(path, model, labels=LABELS)
+    bag = write_scene_bag(tmp_path / 'bag', bad_frame=False)
+    settings = EngineSettings(device='cpu', compile_trunk=False, max_batch=4)
+    with InferenceEngine.from_checkpoint(path, settings) as engine:
+        result = evaluate_bags([str(bag)], engine, label_topic='/scene_label', batch_size=4,
+                               progress=False)
+        status = engine.stream_status()
+    # Each topic is one stream from its first frame to its last, whatever the batches were.
+    assert {stream[1]: s.frames for stream, s in status.items()} == {
+        '/front/image_raw': 12, '/rear/image_raw/compressed': 6}
+    expected = []
+    with BagSource(bag) as source, InferenceEngine.from_checkpoint(path, settings) as engine:
+        for item in source.frames(['/front/image_raw']):
+            frame, order = message_to_frame(item.message)
+            expected.append(engine.infer([frame], color_order=order, streams=['front'],
+                                         stamps=[item.stamp_ns * 1e-9])[0].top_k[0])
+    got = [(p.label, p.score) for p in result['predictions'] if p.topic == '/front/image_raw']
+    assert [label for label, _ in got] == [label for label, _ in expected]
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
+    assert result['summary']['flicker_per_min'] is not None

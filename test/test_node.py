@@ -490,3 +490,86 @@ def test_the_node_runs_an_exported_model_and_auto_reports_its_choice(tmp_path, h
         assert 'onnxruntime' in status['backend_choice'] and 'openvino' in status['backend_choice']
     finally:
         assert node.stop() == 0, node.log()
+
+
+def _probabilities(scene: dict) -> dict[str, float]:
+    return {entry['label']: entry['score'] for entry in scene['top_k']}
+
+
+def test_a_temporal_model_carries_each_cameras_state_and_resets_it_by_the_rules(
+        tmp_path, harness):
+    """Fresh state, carried state and each reset rule, told apart by the published scores."""
+    config = ModelConfig(num_classes=6, input_size=(64, 64), hidden_size=16, temporal='gru',
+                         temporal_hidden_size=16)
+    with seeded(3):
+        model = CnnRnnClassifier(config).eval()
+    checkpoint = tmp_path / 'temporal.pt'
+    save_checkpoint(checkpoint, model)
+    copy = tmp_path / 'temporal-copy.pt'
+    copy.write_bytes(checkpoint.read_bytes())
+    topics = ['/cam_a/image_raw', '/cam_b/image_raw']
+    node = start(tmp_path, '-p', f'model.checkpoint:={checkpoint}', '-p', 'top_k:=6',
+                 '-p', f'image_topics:={topics}')
+    frame = pixels()
+    try:
+        cameras = {topic: harness.camera(topic) for topic in topics}
+        for camera in cameras.values():
+            harness.wait_subscribed(camera)
+
+        def send(topic: str, stamp: float) -> dict[str, float]:
+            """Send the same frame at ``stamp`` and return the scores it got."""
+            before = len(harness.scenes_for(topic))
+            message = image_message(frame, 'rgb8', stamp, 'cam')
+            cameras[topic].publish(message)
+            for _ in range(10):  # a first message can be lost before DDS has matched both ways
+                if wait_for_or_none(lambda: len(harness.scenes_for(topic)) > before, 2.0):
+                    break
+                cameras[topic].publish(message)
+            return _probabilities(harness.scenes_for(topic)[before])
+
+        def memory(topic: str) -> dict:
+            return wait_for(lambda: (s := harness.camera_status(topic)) and 'state_frames' in s
+                            and s, 10, f'state diagnostics of {topic}')
+
+        def same(a: dict, b: dict) -> bool:
+            return all(abs(a[label] - b[label]) < 1e-4 for label in a)
+
+        for topic in topics:  # primes each DDS path; far in the past, so it resets below
+            send(topic, 10.0)
+        fresh = send(topics[0], 100.0)
+        second = send(topics[0], 100.1)
+        third = send(topics[0], 100.2)
+        assert not same(fresh, second) and not same(second, third)  # the state is carried
+        # cam_b, batched and interleaved with cam_a, follows the same sequence on its own.
+        assert same(send(topics[1], 500.0), fresh)
+        send(topics[0], 100.3)
+        assert same(send(topics[1], 500.1), second)
+        wait_for(lambda: memory(topics[0])['state_frames'] == '4', 10, 'cam_a at 4 frames')
+        assert float(memory(topics[0])['state_age_s']) == pytest.approx(0.3, abs=0.01)
+
+        assert same(send(topics[0], 105.0), fresh)  # a gap longer than reset_after_s (1 s)
+        wait_for(lambda: memory(topics[0])['state_started_by'].startswith('gap of 4.700 s'),
+                 10, 'the gap as the reason')
+        assert same(send(topics[0], 104.0), fresh)  # stamps went backwards: a looped bag
+        wait_for(lambda: 'backwards' in memory(topics[0])['state_started_by'], 10, 'backwards')
+
+        assert harness.set_parameter('temporal.reset_after_s', 10.0).successful  # live
+        assert same(send(topics[0], 107.0), second)  # 3 s apart: carried now
+        assert not harness.set_parameter('temporal.reset_after_s', 0.0).successful
+
+        assert harness.change_state(Transition.TRANSITION_DEACTIVATE)
+        assert harness.change_state(Transition.TRANSITION_ACTIVATE)
+        for camera in cameras.values():
+            harness.wait_subscribed(camera)
+        assert same(send(topics[0], 107.1), fresh)  # a deactivated node forgets
+        assert same(send(topics[0], 107.2), second)
+
+        adopted = node.log().count('classifying with')
+        assert harness.set_parameter('model.checkpoint', str(copy)).successful
+        wait_for(lambda: node.log().count('classifying with') > adopted, 30, 'the new engine')
+        assert same(send(topics[0], 107.3), fresh)  # a reloaded model starts afresh
+        counts = harness.wait_accounted(topics[0], received=harness.counts(topics[0])[
+            'received'])
+        assert counts['rejected'] == 0
+    finally:
+        assert node.stop() == 0, node.log()

@@ -1,8 +1,10 @@
 """Synthetic navigation scenes: deterministic images and recordings of every class."""
 
 from cnn_rnn_perception.bags import BagSource
+from cnn_rnn_perception.image_conversion import message_to_frame
 from cnn_rnn_perception.synth import (
-    CLASSES, draw_parameters, render, scene_frames, write_image_folder, write_recording)
+    CLASSES, draw_parameters, ego_motion_frames, MOTIONS, render, scene_frames,
+    write_image_folder, write_recording)
 import numpy as np
 import pytest
 
@@ -53,3 +55,42 @@ def test_recording_has_frames_labels_and_camera_info_at_the_camera_rate(tmp_path
     assert all(frame.label in CLASSES for frame in frames)
     changes = sum(1 for a, b in zip(frames, frames[1:]) if a.label != b.label)
     assert len(labels) == changes + 1 and 1 <= changes <= 2
+
+
+def test_ego_motion_drives_are_deterministic_and_move_the_view_as_labelled():
+    first = list(ego_motion_frames(6.0, seed=3, height=48, width=64))
+    again = list(ego_motion_frames(6.0, seed=3, height=48, width=64))
+    assert len(first) == 90 and {m for m, _ in first} <= set(MOTIONS)
+    assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
+
+    def shift(before: np.ndarray, after: np.ndarray) -> tuple[int, int]:
+        """Return the (dx, dy) that best maps ``before`` onto ``after`` (image content)."""
+        best = min(((dx, dy) for dx in range(-8, 9) for dy in range(-8, 9)),
+                   key=lambda d: np.abs(np.roll(before, d, axis=(1, 0))[10:-10, 10:-10]
+                                        .astype(int) - after[10:-10, 10:-10]).mean())
+        return best
+    for (motion, before), (next_motion, after) in zip(first, first[1:]):
+        if motion != next_motion:
+            continue
+        dx, dy = shift(before, after)
+        expected = {'forward': dy > 0 and abs(dx) <= 1, 'turning_left': dx > 0 and abs(dy) <= 1,
+                    'turning_right': dx < 0 and abs(dy) <= 1,
+                    'stopped': abs(dx) <= 1 and abs(dy) <= 1}[motion]
+        assert expected, (motion, dx, dy)
+
+
+def test_occluders_cross_the_view_without_changing_the_label(tmp_path):
+    path = write_recording(tmp_path / 'drive', scenes=2, seconds_per_scene=4.0, rate_hz=10.0,
+                           seed=2, height=48, width=64, occluders=True, progress=False)
+    plain = write_recording(tmp_path / 'plain', scenes=2, seconds_per_scene=4.0, rate_hz=10.0,
+                            seed=2, height=48, width=64, progress=False)
+    frames = {}
+    for name, bag_path in (('occluded', path), ('plain', plain)):
+        with BagSource(bag_path) as bag:
+            labels = bag.labels('/scene_label')
+            frames[name] = [(item.label, message_to_frame(item.message)[0])
+                            for item in bag.frames(['/camera/image_raw'], labels)]
+    assert [label for label, _ in frames['occluded']] == [label for label, _ in frames['plain']]
+    covered = [not np.array_equal(a, b) for (_, a), (_, b) in zip(frames['occluded'],
+                                                                  frames['plain'])]
+    assert 3 <= sum(covered) < len(covered) / 2  # some frames, briefly

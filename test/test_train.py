@@ -91,10 +91,12 @@ def test_training_from_a_labelled_bag(tmp_path):
     bag = write_recording(tmp_path / 'drive', scenes=6, seconds_per_scene=0.5, rate_hz=12,
                           height=48, width=64, progress=False)
     result = run('train', '--bags', str(bag), '--label-topic', '/scene_label', '--output',
-                 str(tmp_path / 'run'), '--epochs', '1', *TINY)
+                 str(tmp_path / 'run'), '--epochs', '1', '--val-block-s', '0.5', *TINY)
     assert result.returncode == 0, result.stderr
-    # 6 scenes x 0.5 s x 12 Hz = 36 labelled frames, split 80/20.
-    assert '29 training and 7 validation images' in result.stdout
+    # 6 scenes x 0.5 s x 12 Hz = 36 labelled frames in blocks of 0.5 s (6 frames), 1 in 5
+    # held out: whole blocks, never random frames.
+    assert '30 training and 6 validation frames' in result.stdout
+    assert 'validation: 1 of 6 time blocks of 0.5 s (6 frames) held out' in result.stdout
     assert len(load_checkpoint(tmp_path / 'run' / 'last.pt').labels) >= 2
 
 

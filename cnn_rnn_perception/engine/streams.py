@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+import threading
 from typing import Hashable, Sequence
 
 
@@ -49,6 +50,8 @@ class StreamMemory:
         self.capacity = capacity
         self.reset_after_s = check_reset_after(reset_after_s)
         self._streams: OrderedDict[Hashable, StreamStatus] = OrderedDict()
+        # The node reads status() for diagnostics while its worker admits frames.
+        self._lock = threading.Lock()
 
     @property
     def scratch_slot(self) -> int:
@@ -71,6 +74,11 @@ class StreamMemory:
         if len(set(named)) != len(named):
             raise ValueError('a stream appears twice in one batch; split it (EngineBase.infer '
                              'does)')
+        with self._lock:
+            return self._admit(streams, stamps)
+
+    def _admit(self, streams: Sequence[Hashable | None], stamps: Sequence[float | None]
+               ) -> tuple[list[int], list[bool]]:
         slots, fresh = [], []
         for stream, stamp in zip(streams, stamps):
             if stream is None:
@@ -113,14 +121,16 @@ class StreamMemory:
 
     def forget(self, *streams: Hashable) -> None:
         """Forget the named streams, or every stream when none are named."""
-        if not streams:
-            self._streams.clear()
-        for stream in streams:
-            self._streams.pop(stream, None)
+        with self._lock:
+            if not streams:
+                self._streams.clear()
+            for stream in streams:
+                self._streams.pop(stream, None)
 
     def status(self) -> dict[Hashable, StreamStatus]:
         """Return every known stream's memory, least recently seen first."""
-        return dict(self._streams)
+        with self._lock:
+            return dict(self._streams)
 
 
 def check_reset_after(seconds: float) -> float:
