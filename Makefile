@@ -29,7 +29,7 @@ requirements_of = $(if $(filter jazzy,$(1)),requirements-jazzy.txt,requirements.
 VENV := $(call venv_of,$(ROS_DISTRO))
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast bench lint clean wheelhouse gpu-check \
+.PHONY: setup demo demo-temporal test test-fast bench lint clean wheelhouse gpu-check \
 	$(addprefix test-,kilted jazzy)
 
 setup: $(VENV)/.installed
@@ -50,6 +50,9 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/cnn_rnn_perception demo
+
+demo-temporal: setup
+	$(BIN)/cnn_rnn_perception demo --temporal
 
 test: $(addprefix test-,$(DISTROS))
 

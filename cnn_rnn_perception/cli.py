@@ -317,7 +317,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 TRAIN_FLAGS = ('epochs', 'batch_size', 'optimizer', 'lr', 'weight_decay', 'schedule', 'seed',
                'workers', 'val_split', 'augment', 'hflip', 'freeze_trunk', 'device',
-               'clip_length', 'val_block_s', 'reset_after_s')
+               'clip_length', 'val_block_s', 'reset_after_s', 'init_from')
 
 
 def _train_settings(args: argparse.Namespace):
@@ -385,6 +385,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    if args.temporal:
+        from cnn_rnn_perception.temporal_demo import run_temporal_demo
+        return run_temporal_demo(args.cache or '.cache/demo-temporal', device=args.device,
+                                 retrain=args.retrain)
+    from cnn_rnn_perception.demo import run_demo
+    return run_demo(args.cache or '.cache/demo', device=args.device, retrain=args.retrain)
+
+
 def _synth(args: argparse.Namespace) -> int:
     from cnn_rnn_perception.synth import (
         write_ego_motion_drive, write_image_folder, write_recording)
@@ -445,14 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
                     'start perception_node as its own process, replay a held-out recording '
                     'into it while printing its results, and end with the accuracy against '
                     "the recording's labels, the latency and the frame accounting. Exit code "
-                    '1 when accuracy is below 90%.')
-    demo.add_argument('--cache', default='.cache/demo',
-                      help='where data, model and logs are kept (default: .cache/demo)')
+                    '1 when accuracy is below 90%. --temporal instead compares per-frame and '
+                    'temporal models on drives where time matters (ego-motion, figures '
+                    'crossing the view): accuracy and flicker side by side; exit code 1 when '
+                    'a target is missed.')
+    demo.add_argument('--temporal', action='store_true',
+                      help='the temporal demo (cache default: .cache/demo-temporal)')
+    demo.add_argument('--cache', help='where data, model and logs are kept (default: '
+                                      '.cache/demo)')
     demo.add_argument('--retrain', action='store_true', help='train again, ignoring the cache')
     demo.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
-    demo.set_defaults(handler=lambda args: __import__(
-        'cnn_rnn_perception.demo', fromlist=['run_demo']).run_demo(
-            args.cache, device=args.device, retrain=args.retrain))
+    demo.set_defaults(handler=_demo)
 
     classify = commands.add_parser(
         'classify', help='classify a few generated camera frames and print labels and timings',
@@ -658,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument('--freeze-trunk', action='store_const', const=True,
                          help='train only the recurrent part and head')
     trainer.add_argument('--trunk-weights', help='local torchvision weights file for the trunk')
+    trainer.add_argument('--init-from', metavar='CHECKPOINT',
+                         help='start from this checkpoint where names and shapes match, e.g. '
+                              'a temporal model from a per-frame model of the same trunk')
     trainer.add_argument('--device', help='auto, cpu, cuda or cuda:N (default: auto)')
     trainer.add_argument('--no-progress', action='store_true', help='no progress bars')
     bags = trainer.add_argument_group('bags and temporal models')

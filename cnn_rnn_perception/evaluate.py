@@ -87,28 +87,40 @@ def score(truths: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
             'confusion': confusion.tolist()}
 
 
-def flicker(predictions: Iterable[Prediction]) -> dict[str, Any]:
+def flicker(predictions: Iterable[Prediction], transition_s: float = 0.5) -> dict[str, Any]:
     """
     Return label changes per minute, predicted and true, over every stream (bag and topic).
 
     Each stream is read in stamp order; its minutes run from its first frame to its last.
-    ``ratio`` is predicted over true changes: 1 is a perfectly steady model, 5 one that
-    changes its mind five times for every real change.
+    ``flicker_ratio`` is predicted over true changes: 1 is a model as steady as the truth, 5
+    one that changes its mind five times for every real change. ``excess_flicker_per_min``
+    counts the changes beyond the truth's number. ``spurious_changes_per_min`` counts the
+    changes further than ``transition_s`` from any change of the truth: flips while the scene
+    stays what it is (a figure crossing), which a navigation stack should never see; a model
+    passing through a third label while one scene fades into the next is not counted there.
     """
     streams: dict[tuple[str, str], list[Prediction]] = {}
     for prediction in predictions:
         streams.setdefault((prediction.bag, prediction.topic), []).append(prediction)
-    predicted = true = 0
+    predicted = true = excess = spurious = 0
     minutes = 0.0
     for frames in streams.values():
         frames.sort(key=lambda p: p.stamp)
         minutes += (frames[-1].stamp - frames[0].stamp) / 60.0
-        predicted += sum(a.label != b.label for a, b in zip(frames, frames[1:]))
-        labelled = [p.truth for p in frames if p.truth is not None]
-        true += sum(a != b for a, b in zip(labelled, labelled[1:]))
+        changes = [b.stamp for a, b in zip(frames, frames[1:]) if a.label != b.label]
+        labelled = [p for p in frames if p.truth is not None]
+        real = np.array([b.stamp for a, b in zip(labelled, labelled[1:]) if a.truth != b.truth])
+        predicted, true = predicted + len(changes), true + len(real)
+        excess += max(len(changes) - len(real), 0)
+        spurious += sum(1 for stamp in changes
+                        if not len(real) or np.abs(real - stamp).min() > transition_s)
     if minutes <= 0:
-        return {'flicker_per_min': None, 'truth_changes_per_min': None, 'flicker_ratio': None}
+        return {'flicker_per_min': None, 'truth_changes_per_min': None,
+                'excess_flicker_per_min': None, 'spurious_changes_per_min': None,
+                'flicker_ratio': None}
     return {'flicker_per_min': predicted / minutes, 'truth_changes_per_min': true / minutes,
+            'excess_flicker_per_min': excess / minutes,
+            'spurious_changes_per_min': spurious / minutes,
             'flicker_ratio': predicted / true if true else None}
 
 
@@ -120,7 +132,8 @@ def format_scores(scores: dict[str, Any]) -> str:
     lines = [f'accuracy {scores["accuracy"]:.4f} over {scores["scored_frames"]} labelled frames']
     if scores.get('flicker_per_min') is not None:
         lines.append(f'flicker {scores["flicker_per_min"]:.1f} label changes per minute, '
-                     f'ground truth {scores["truth_changes_per_min"]:.1f}')
+                     f'ground truth {scores["truth_changes_per_min"]:.1f}; spurious (over 0.5 s '
+                     f'from a real change) {scores["spurious_changes_per_min"]:.1f}')
     lines += ['', f'{"class":<{width}}  precision  recall  support']
     for label in labels:
         metrics = scores['per_class'][label]

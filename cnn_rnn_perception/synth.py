@@ -307,9 +307,9 @@ def draw_floor(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """
     Draw a floor under coloured lights, ``height`` x ``width`` BGR, wrapping at its edges.
 
-    The light's colour changes smoothly across the floor (red and blue with x, green with y),
-    and tiles, patches and marks of other shades lie on it, so neighbouring views differ a
-    little and distant ones a lot, the way a real floor looks from a moving robot.
+    The light changes smoothly across the floor (red and blue with x, green and brightness
+    with y), and tiles, patches and marks of other shades lie on it, so neighbouring views
+    differ a little and distant ones a lot, the way a real floor looks from a moving robot.
     """
     rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
     period = width / 2
@@ -317,6 +317,8 @@ def draw_floor(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     light[..., 0] = 128 + 100 * np.cos(2 * np.pi * columns / period)
     light[..., 1] = 128 + 100 * np.sin(2 * np.pi * rows / (height / 2))
     light[..., 2] = 128 + 100 * np.sin(2 * np.pi * columns / period)
+    # Brightness in step with green's quarter-turn: distance along y reads both ways too.
+    light *= (1.0 + 0.3 * np.cos(2 * np.pi * rows / (height / 2)))[..., None]
     shade = np.ones((height, width), np.float32)
     for _ in range(int(height * width / 1500)):
         x, y = int(rng.integers(0, width)), int(rng.integers(0, height))

@@ -65,6 +65,9 @@ class TrainSettings:
     reset_after_s: float = 1.0
     # Temporal models: frames per clip (back-propagation reaches this far back).
     clip_length: int = 16
+    # Start from another checkpoint's weights where names and shapes match: a temporal model
+    # from a per-frame one of the same trunk (the usual LRCN recipe).
+    init_from: str = ''
 
     def __post_init__(self) -> None:
         if self.optimizer not in ('adamw', 'sgd'):
@@ -356,7 +359,10 @@ def train(settings: TrainSettings, *, classes: list[str], train_samples: Samples
     if distributed.main:
         output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    model = CnnRnnClassifier(config).to(device, memory_format=torch.channels_last)
+    model = CnnRnnClassifier(config)
+    if settings.init_from and not resume:
+        _initialise_from(model, settings.init_from)
+    model = model.to(device, memory_format=torch.channels_last)
     if settings.freeze_trunk:
         model.trunk.requires_grad_(False)
     optimizer = _optimizer(settings, [p for p in model.parameters() if p.requires_grad])
@@ -424,6 +430,27 @@ def train(settings: TrainSettings, *, classes: list[str], train_samples: Samples
         dist.destroy_process_group()
     return {'history': history, 'best_val_accuracy': best, 'classes': classes,
             'output': str(output)}
+
+
+def _initialise_from(model: CnnRnnClassifier, path: str) -> None:
+    """Copy the weights of ``path`` that fit ``model`` (same name, same shape); say which."""
+    loaded = load_checkpoint(path)
+    source = loaded.model.state_dict()
+    target = model.state_dict()
+    # A head that reads the temporal state is not the head that read a frame's vector.
+    other_head = loaded.config.temporal != model.config.temporal
+    taken = {name: value for name, value in source.items()
+             if name in target and target[name].shape == value.shape
+             and not (other_head and name.startswith('head.'))}
+    if not any(name.startswith('trunk.') for name in taken):
+        raise ValueError(f'--init-from {path}: no trunk weights fit this model; it needs the '
+                         'same backbone')
+    model.load_state_dict(taken, strict=False)
+    left = sorted({name.split('.')[0] for name in target if name not in taken})
+    _LOG.info('initialised %d of %d tensors from %s; new: %s', len(taken), len(target), path,
+              ', '.join(left) or 'none')
+    print(f'initialised from {path}: {len(taken)} of {len(target)} tensors'
+          + (f'; trained from scratch: {", ".join(left)}' if left else ''), flush=True)
 
 
 class _ClipModel(torch.nn.Module):

@@ -252,6 +252,14 @@ def test_flicker_counts_label_changes_per_minute_of_each_stream_against_the_trut
     assert result['flicker_per_min'] == pytest.approx(5.0)
     assert result['truth_changes_per_min'] == pytest.approx(1.0)
     assert result['flicker_ratio'] == pytest.approx(5.0)
+    assert result['excess_flicker_per_min'] == pytest.approx(4.0)
+    # The two brief flips are far from the real change; the real change is not spurious.
+    assert result['spurious_changes_per_min'] == pytest.approx(4.0)
+    # A flip right beside the real change (a transition) is not spurious.
+    near = [_prediction('/c', i / 10, g, t) for i, (g, t) in enumerate(
+        zip(['x'] * 9 + ['z', 'y'] + ['y'] * 9, ['x'] * 10 + ['y'] * 10))]
+    assert flicker(near)['spurious_changes_per_min'] == 0.0
+    assert flicker(near)['excess_flicker_per_min'] > 0
 
 
 def test_evaluate_runs_a_temporal_model_along_each_topic_as_the_node_would(tmp_path):
