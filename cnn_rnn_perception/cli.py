@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -380,8 +381,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f'classes: {", ".join(classes)}')
     result = train(settings, classes=classes, train_samples=train_set, val_samples=val_set,
                    output=args.output, resume=args.resume, progress=not args.no_progress)
-    print(f'best validation accuracy {result["best_val_accuracy"]:.4f}; checkpoints, '
-          f'metrics.csv and curves.png in {result["output"]}')
+    if os.environ.get('RANK', '0') == '0':  # under torchrun, the process that saved them
+        print(f'best validation accuracy {result["best_val_accuracy"]:.4f}; checkpoints, '
+              f'metrics.csv and curves.png in {result["output"]}')
     return 0
 
 

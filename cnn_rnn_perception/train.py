@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from cnn_rnn_perception.clips import (
     ClipBatches, index_runs, plan_lanes, prefetched, read_run, Run, Split, split_by_time_blocks)
@@ -528,18 +528,13 @@ class _Loop:
             return float(np.mean(losses)), correct / seen
 
         def validate() -> tuple[float, float]:
-            total_loss, correct, seen = 0.0, 0, 0
-            with torch.no_grad():
+            def pairs():
                 for images, targets in val_loader:
-                    targets = targets.to(self.device)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                         enabled=self.use_amp):
                         logits = self.model(self.inputs(images)).float()
-                    total_loss += float(torch.nn.functional.cross_entropy(
-                        logits, targets, reduction='sum'))
-                    correct += int((logits.argmax(1) == targets).sum())
-                    seen += len(targets)
-            return total_loss / max(seen, 1), correct / max(seen, 1)
+                    yield logits, targets.to(self.device)
+            return _scored(pairs())
         return run_epoch, validate
 
     def _clips(self, batches: ClipBatches, model: torch.nn.Module, description: str):
@@ -590,16 +585,20 @@ class _Loop:
             # Each held-out run is one stream from start to end, as the engine would run it.
             plan = plan_lanes(val_runs, min(lanes, len(val_runs)), settings.clip_length, 0)
             batches = ClipBatches(val_runs, plan, settings.clip_length, size)
-            total_loss, correct, seen = 0.0, 0, 0
-            with torch.no_grad():
-                for logits, targets in self._clips(batches, self.model.forward_clips,
-                                                   'validating'):
-                    total_loss += float(torch.nn.functional.cross_entropy(
-                        logits, targets, reduction='sum'))
-                    correct += int((logits.argmax(1) == targets).sum())
-                    seen += len(targets)
-            return total_loss / max(seen, 1), correct / max(seen, 1)
+            return _scored(self._clips(batches, self.model.forward_clips, 'validating'))
         return run_epoch, validate
+
+
+def _scored(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Return mean loss and accuracy over (logits, targets) pairs, without gradients."""
+    total_loss, correct, seen = 0.0, 0, 0
+    with torch.no_grad():  # grad mode is per thread: the generators run under it too
+        for logits, targets in pairs:
+            total_loss += float(torch.nn.functional.cross_entropy(logits, targets,
+                                                                  reduction='sum'))
+            correct += int((logits.argmax(1) == targets).sum())
+            seen += len(targets)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
 def _plain(settings: TrainSettings) -> dict[str, Any]:
