@@ -286,30 +286,25 @@ class InferenceEngine(EngineBase):
                        slots: list[int], fresh: list[bool]) -> tuple[np.ndarray, float]:
         """Return probabilities [B, classes] and the time the input reached the device."""
         size = len(frames)
+        # Each frame's state row, and 0 where its stream starts afresh (1 where it carries on).
+        rows = (torch.tensor(slots), torch.tensor([0.0 if f else 1.0 for f in fresh])) \
+            if self.temporal else None
         if self._use_static and size not in self._unbuffered:
             path = self._static.get(size) or self._make_static(size)
             with torch.inference_mode():
                 self._model_input(frames, orders, out=path.input)
-                if self.temporal:
-                    path.slots.copy_(torch.tensor(slots), non_blocking=True)
-                    path.keep.copy_(torch.tensor([0.0 if f else 1.0 for f in fresh]),
-                                    non_blocking=True)
+                if rows is not None:
+                    path.slots.copy_(rows[0], non_blocking=True)
+                    path.keep.copy_(rows[1], non_blocking=True)
             uploaded = time.perf_counter()
             return path.run(), uploaded
+        slot_index, keep = (row.to(self.device) for row in rows) if rows else (None, None)
         with torch.inference_mode():
             images = self._model_input(frames, orders)
-            slot_index, keep = self._stream_rows(slots, fresh)
             uploaded = time.perf_counter()
             probabilities = self._run_compiled(images, slot_index, keep, size)
             result = probabilities.float().cpu().numpy()
         return result, uploaded
-
-    def _stream_rows(self, slots: list[int], fresh: list[bool]
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not self.temporal:
-            return None, None
-        return (torch.tensor(slots, device=self.device),
-                torch.tensor([0.0 if f else 1.0 for f in fresh], device=self.device))
 
     def _run_compiled(self, images: torch.Tensor, slots: torch.Tensor | None,
                       keep: torch.Tensor | None, size: int) -> torch.Tensor:
