@@ -3,7 +3,7 @@
 from dataclasses import replace
 
 from cnn_rnn_perception.engine import (
-    EngineSettings, InferenceEngine, resolve_device, resolve_precision)
+    EngineSettings, fold_batch_norm, InferenceEngine, resolve_device, resolve_precision)
 from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, Preprocessing, save_checkpoint
 from cnn_rnn_perception.preprocess import (
     frames_to_tensor_cpu, frames_to_tensor_torch, normalisation)
@@ -301,6 +301,83 @@ def test_an_engine_leaves_the_process_torch_state_as_it_found_it():
              torch.get_num_threads(), torch.random.get_rng_state())
     assert before[:3] == after[:3]
     assert torch.equal(before[3], after[3]), 'the engine reseeded the global generator'
+
+
+def trained_looking(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm statistics far from identity, as training would."""
+    generator = torch.Generator().manual_seed(3)
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            for tensor, low, high in ((norm.running_mean, -1, 1), (norm.running_var, 0.5, 2),
+                                      (norm.weight.data, 0.5, 1.5), (norm.bias.data, -.5, .5)):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return module.eval()
+
+
+def batch_norms(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+
+@pytest.mark.parametrize('backbone', ['resnet18', 'mobilenet_v3_small'])
+def test_folding_removes_every_batch_norm_and_keeps_the_trunks_output(backbone):
+    trunk = trained_looking(CnnRnnClassifier(ModelConfig(backbone=backbone)).trunk)
+    folded = fold_batch_norm(trunk, (96, 128))
+    images = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        expected, got = trunk(images), folded(images)
+    assert batch_norms(trunk) > 0 and batch_norms(folded) == 0
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+
+
+class ReusedOutput(torch.nn.Module):
+    """A convolution whose output its BatchNorm reads, and so does a residual sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+
+    def forward(self, images):
+        features = self.conv(images)
+        return self.norm(features) + features
+
+
+def test_a_batch_norm_that_cannot_be_folded_is_left_and_the_output_kept():
+    in_place_between = trained_looking(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.BatchNorm2d(4)))
+    for trunk in (in_place_between, trained_looking(ReusedOutput())):
+        folded = fold_batch_norm(trunk, (32, 32))
+        images = torch.rand(1, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(folded(images), trunk(images), atol=1e-5)
+        assert batch_norms(folded) == 1
+
+
+class Witness(torch.nn.Module):
+    """Records, in a list no copy of it duplicates, whether ``nn.Module.__call__`` is torch's."""
+
+    original_call = torch.nn.Module.__call__
+
+    def __init__(self, seen: list[bool]) -> None:
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+        self.record = seen.append
+
+    def forward(self, images):
+        self.record(torch.nn.Module.__call__ is Witness.original_call)
+        return self.norm(self.conv(images))
+
+
+def test_folding_changes_nothing_another_thread_could_see():
+    """
+    torch.fx tracing patches ``nn.Module.__call__`` process-wide while it runs.
+
+    The node builds its next engine (folding included) while the current one serves: a model
+    called in the serving thread during a trace was traced instead and failed (CI, once).
+    """
+    seen = []
+    folded = fold_batch_norm(Witness(seen), (32, 32))
+    assert seen and all(seen)
+    assert batch_norms(folded) == 0
 
 
 def test_from_config_builds_the_same_model_for_the_same_seed():

@@ -38,6 +38,7 @@ from cnn_rnn_perception.preprocess import (
     frames_to_tensor_torch, frames_to_uint8_batch, normalisation, normalise_uint8_batch)
 import numpy as np
 import torch
+import torch.nn.utils.fusion
 
 _LOG = logging.getLogger(__name__)
 
@@ -62,14 +63,74 @@ def compile_scope():
         yield
 
 
-def fold_batch_norm(trunk: torch.nn.Module) -> torch.nn.Module:
-    """Fold eval-mode BatchNorm into the preceding convolutions; unchanged if not traceable."""
-    from torch.fx.experimental.optimization import fuse
+def fold_batch_norm(trunk: torch.nn.Module, input_size: Sequence[int]) -> torch.nn.Module:
+    """
+    Return ``trunk`` with each eval-mode BatchNorm folded into the convolution feeding it.
+
+    torch.fx would find the pairs too, but its tracer patches ``torch.nn.Module.__call__`` for
+    the whole process while it traces: a model running in another thread at that moment (the
+    node's engine, serving while its replacement builds) is traced instead of run, and fails.
+    Here forward hooks on the trunk's own modules, over one example image, find each BatchNorm
+    whose input is a convolution's output, untouched since. A pair is folded only if both run
+    once, and the folded trunk must reproduce the original on a second image, or the trunk
+    runs unfolded: the hooks cannot see whether that output is also read elsewhere.
+    """
+    trunk = trunk.eval()
+    produced: dict[int, tuple[torch.nn.Module, torch.Tensor, int]] = {}
+    pairs: list[tuple[torch.nn.Module, torch.nn.Module]] = []
+    calls: dict[torch.nn.Module, int] = {}
+
+    def after_conv(conv, inputs, output):
+        calls[conv] = calls.get(conv, 0) + 1
+        produced[id(output)] = (conv, output, output._version)
+
+    def before_norm(norm, inputs):
+        calls[norm] = calls.get(norm, 0) + 1
+        conv, output, version = produced.get(id(inputs[0]), (None, None, None))
+        if output is inputs[0] and output._version == version:
+            pairs.append((conv, norm))
+
+    hooks = [module.register_forward_hook(after_conv) for module in trunk.modules()
+             if type(module) is torch.nn.Conv2d]
+    hooks += [module.register_forward_pre_hook(before_norm) for module in trunk.modules()
+              if type(module) is torch.nn.BatchNorm2d and module.track_running_stats]
+    generator = torch.Generator().manual_seed(0)
+    examples = torch.rand(2, 1, 3, *input_size, generator=generator)
     try:
-        return fuse(trunk.eval())
-    except Exception as error:  # FX tracing can fail on exotic modules; folding is optional
+        with torch.no_grad():
+            trunk(examples[0])
+    except Exception as error:  # a trunk that cannot run here is left for the engine to report
         _LOG.info('BatchNorm folding skipped (%s); the trunk runs unfolded', error)
         return trunk
+    finally:
+        for hook in hooks:
+            hook.remove()
+    names = {module: name for name, module in trunk.named_modules()}
+    foldable = [(names[conv], names[norm]) for conv, norm in pairs
+                if calls[conv] == 1 and calls[norm] == 1
+                and conv.out_channels == norm.num_features]
+    if not foldable:
+        return trunk
+    folded = copy.deepcopy(trunk)
+    for conv_name, norm_name in foldable:
+        conv = folded.get_submodule(conv_name)
+        norm = folded.get_submodule(norm_name)
+        _replace(folded, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm))
+        _replace(folded, norm_name, torch.nn.Identity())
+    with torch.no_grad():
+        expected, folded_output = trunk(examples[1]), folded(examples[1])
+    tolerance = 1e-4 * max(float(expected.abs().max()), 1.0)
+    if folded_output.shape != expected.shape or not torch.allclose(
+            folded_output, expected, rtol=1e-3, atol=tolerance):
+        _LOG.info('BatchNorm folding skipped: the folded trunk did not reproduce the original '
+                  '(a convolution output read by more than its BatchNorm?); it runs unfolded')
+        return trunk
+    return folded
+
+
+def _replace(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, attribute = name.rpartition('.')
+    setattr(root.get_submodule(parent) if parent else root, attribute, module)
 
 
 class _StaticPath:
@@ -178,8 +239,8 @@ class InferenceEngine(EngineBase):
         model = copy.deepcopy(model).eval()
         memory_format = (torch.channels_last if self.settings.channels_last
                          else torch.contiguous_format)
-        trunk = fold_batch_norm(model.trunk).to(self.device, self.dtype,
-                                                memory_format=memory_format)
+        trunk = fold_batch_norm(model.trunk, model.config.input_size).to(
+            self.device, self.dtype, memory_format=memory_format)
         # The recurrent part stays float32; see the module docstring.
         model.trunk = torch.nn.Identity()
         self._model = model.to(self.device, torch.float32)
