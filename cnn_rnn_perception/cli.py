@@ -318,7 +318,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 TRAIN_FLAGS = ('epochs', 'batch_size', 'optimizer', 'lr', 'weight_decay', 'schedule', 'seed',
                'workers', 'val_split', 'augment', 'hflip', 'freeze_trunk', 'device',
-               'clip_length', 'val_block_s', 'reset_after_s', 'init_from')
+               'clip_length', 'steadiness', 'val_block_s', 'reset_after_s', 'init_from')
 
 
 def _train_settings(args: argparse.Namespace):
@@ -388,10 +388,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.held_out < 1:
+        raise ValueError(f'--held-out must be at least 1; got {args.held_out}')
     if args.temporal:
         from cnn_rnn_perception.temporal_demo import run_temporal_demo
         return run_temporal_demo(args.cache or '.cache/demo-temporal', device=args.device,
-                                 retrain=args.retrain)
+                                 retrain=args.retrain, held_out=args.held_out)
     from cnn_rnn_perception.demo import run_demo
     return run_demo(args.cache or '.cache/demo', device=args.device, retrain=args.retrain)
 
@@ -466,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       '.cache/demo)')
     demo.add_argument('--retrain', action='store_true', help='train again, ignoring the cache')
     demo.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    demo.add_argument('--held-out', type=int, default=2, metavar='N',
+                      help='with --temporal: held-out drives per task (default: 2); more '
+                           'give steadier figures and take longer')
     demo.set_defaults(handler=_demo)
 
     classify = commands.add_parser(
@@ -682,6 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help='with --temporal: consecutive frames per clip; each lane carries '
                            'its state from clip to clip and back-propagates this far '
                            '(default: 16). --batch-size then counts clips')
+    bags.add_argument('--steadiness', type=float,
+                      help='with --temporal: weight of a penalty on label probabilities '
+                           'changing between neighbouring frames whose true label is the '
+                           'same; against brief flips while a scene stays (default: 0)')
     bags.add_argument('--val-block-s', type=float,
                       help='bags are validated on held-out time blocks this long, never on '
                            'random frames (default: 10)')

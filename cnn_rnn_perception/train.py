@@ -65,6 +65,9 @@ class TrainSettings:
     reset_after_s: float = 1.0
     # Temporal models: frames per clip (back-propagation reaches this far back).
     clip_length: int = 16
+    # Temporal models: weight of a penalty on the change of class probabilities between
+    # neighbouring frames whose true label is the same (0: none). See ``steadiness_penalty``.
+    steadiness: float = 0.0
     # Start from another checkpoint's weights where names and shapes match: a temporal model
     # from a per-frame one of the same trunk (the usual LRCN recipe).
     init_from: str = ''
@@ -77,6 +80,8 @@ class TrainSettings:
         for name in ('epochs', 'batch_size', 'clip_length'):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1; got {getattr(self, name)}')
+        if self.steadiness < 0:
+            raise ValueError(f'steadiness must be >= 0; got {self.steadiness}')
         if not 0.0 < self.val_split < 1.0:
             raise ValueError(f'val_split must be between 0 and 1; got {self.val_split}')
 
@@ -538,7 +543,7 @@ class _Loop:
         return run_epoch, validate
 
     def _clips(self, batches: ClipBatches, model: torch.nn.Module, description: str):
-        """Yield (logits, targets) of valid frames, the state carried lane by lane."""
+        """Yield logits [lanes, length, classes], targets and valid, the state carried on."""
         state = None
         for batch in self._bar(prefetched(batches), len(batches), description):
             frames = batch.frames.to(self.device, non_blocking=True)
@@ -550,8 +555,7 @@ class _Loop:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 logits, state = model(clips, state)
             state = state.detach().float()
-            valid = batch.valid.to(self.device)
-            yield logits[valid].float(), batch.targets.to(self.device)[valid]
+            yield logits.float(), batch.targets.to(self.device), batch.valid.to(self.device)
 
     def clip_functions(self, train_runs: list[Run], val_runs: list[Run]):
         """Return (run one epoch, validate) over clips streamed from runs."""
@@ -572,21 +576,40 @@ class _Loop:
                                   settings.clip_length, size,
                                   augment=jitter if settings.augment else None)
             losses, correct, seen = [], 0, 0
-            for logits, targets in self._clips(batches, self.wrapped,
-                                               f'epoch {epoch + 1}/{settings.epochs}'):
-                loss = torch.nn.functional.cross_entropy(logits, targets)
+            for logits, targets, valid in self._clips(batches, self.wrapped,
+                                                      f'epoch {epoch + 1}/{settings.epochs}'):
+                loss = torch.nn.functional.cross_entropy(logits[valid], targets[valid])
+                if settings.steadiness:
+                    loss = loss + settings.steadiness * steadiness_penalty(logits, targets, valid)
                 self._step(loss)
                 losses.append(loss.item())
-                correct += int((logits.argmax(1) == targets).sum())
-                seen += len(targets)
+                correct += int((logits[valid].argmax(1) == targets[valid]).sum())
+                seen += int(valid.sum())
             return float(np.mean(losses)), correct / max(seen, 1)
 
         def validate() -> tuple[float, float]:
             # Each held-out run is one stream from start to end, as the engine would run it.
             plan = plan_lanes(val_runs, min(lanes, len(val_runs)), settings.clip_length, 0)
             batches = ClipBatches(val_runs, plan, settings.clip_length, size)
-            return _scored(self._clips(batches, self.model.forward_clips, 'validating'))
+            return _scored((logits[valid], targets[valid]) for logits, targets, valid
+                           in self._clips(batches, self.model.forward_clips, 'validating'))
         return run_epoch, validate
+
+
+def steadiness_penalty(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+                       ) -> torch.Tensor:
+    """
+    Return the mean squared change of class probabilities between neighbouring frames of a clip.
+
+    Only pairs whose true label is the same count, so a real change of scene costs nothing:
+    what is penalised is the model changing its mind while the scene stays (a figure crossing),
+    the flicker a navigation stack would see. Cross-entropy alone scores each frame on its own
+    and does not mind a brief flip that costs one or two frames.
+    """
+    probabilities = logits.softmax(-1)
+    same = valid[:, 1:] & valid[:, :-1] & (targets[:, 1:] == targets[:, :-1])
+    change = (probabilities[:, 1:] - probabilities[:, :-1]).pow(2).sum(-1)
+    return change[same].mean() if bool(same.any()) else logits.new_zeros(())
 
 
 def _scored(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from cnn_rnn_perception.model import load_checkpoint, ModelConfig
 from cnn_rnn_perception.synth import (
     write_ego_motion_drive, write_image_folder, write_recording)
 from cnn_rnn_perception.train import (
-    check_hflip, image_folder_samples, train, TrainSettings)
+    check_hflip, image_folder_samples, steadiness_penalty, train, TrainSettings)
 import pytest
 import torch
 
@@ -134,6 +134,26 @@ def test_training_settings_are_validated():
         tiny_settings(optimizer='lion')
     with pytest.raises(ValueError, match='val_split must be between 0 and 1'):
         tiny_settings(val_split=1.5)
+    with pytest.raises(ValueError, match='steadiness must be >= 0'):
+        tiny_settings(steadiness=-1)
+
+
+def confident(labels: list[int], classes: int = 3) -> torch.Tensor:
+    """Logits of one lane that is sure of each frame's label."""
+    return torch.nn.functional.one_hot(torch.tensor([labels]), classes).float() * 20
+
+
+def test_steadiness_costs_a_flip_while_the_scene_stays_but_not_a_real_change():
+    truth = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    valid = torch.ones_like(truth, dtype=torch.bool)
+    following = steadiness_penalty(confident([0, 0, 0, 1, 1, 1]), truth, valid)
+    flipping = steadiness_penalty(confident([0, 2, 0, 1, 1, 1]), truth, valid)
+    assert float(following) < 1e-6, 'following the truth through its change cost something'
+    assert float(flipping) > 0.5
+    # A padded frame (a run's last clip, masked) neither costs nor counts.
+    padded = torch.tensor([[True, True, True, True, True, False]])
+    assert float(steadiness_penalty(confident([0, 0, 0, 1, 1, 2]), truth, padded)) < 1e-6
+    assert float(steadiness_penalty(confident([0]), truth[:, :1], valid[:, :1])) == 0
 
 
 def test_short_training_run_learns_the_synthetic_classes(tmp_path, images):
