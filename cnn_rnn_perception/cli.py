@@ -388,7 +388,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.held_out < 1:
+    if args.held_out is not None and args.held_out < 1:
         raise ValueError(f'--held-out must be at least 1; got {args.held_out}')
     if args.temporal:
         from cnn_rnn_perception.temporal_demo import run_temporal_demo
@@ -468,9 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       '.cache/demo)')
     demo.add_argument('--retrain', action='store_true', help='train again, ignoring the cache')
     demo.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
-    demo.add_argument('--held-out', type=int, default=2, metavar='N',
-                      help='with --temporal: held-out drives per task (default: 2); more '
-                           'give steadier figures and take longer')
+    demo.add_argument('--held-out', type=int, metavar='N',
+                      help='with --temporal: held-out drives per task (default: 2 ego-motion, '
+                           '5 scene drives); more give steadier figures and take longer')
     demo.set_defaults(handler=_demo)
 
     classify = commands.add_parser(
