@@ -11,7 +11,7 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 PYTEST_ARGS ?=
 # What a second distro must pass when `make test` runs both: everything that talks to rclpy.
-ROS_FACING_TESTS := test/test_node.py test/test_node_config.py test/test_replay.py \
+ROS_FACING_TESTS := test/test_node.py test/test_node_parts.py test/test_replay.py \
 	test/test_demo.py test/test_flake8.py test/test_pep257.py
 
 ifeq ($(origin ROS_DISTRO),command line)
@@ -80,7 +80,7 @@ lint: setup
 WHEELHOUSE ?= .whl
 GPU_PYTHON ?= python3
 wheelhouse: .venv/.installed
-	.venv/bin/python -m cnn_rnn_perception.gpu_check wheelhouse $(WHEELHOUSE)
+	.venv/bin/python -m cnn_rnn_perception.tools.gpu_check wheelhouse $(WHEELHOUSE)
 
 # A venv of the GPU image's own python that also sees that python's packages (torch, numpy,
 # OpenCV) through a .pth file: a --system-site-packages venv would not, since that python is
@@ -92,7 +92,7 @@ gpu-check:
 	  > $$(.venv-gpu/bin/python -c 'import site; print(site.getsitepackages()[0])')/gpu-image.pth
 	.venv-gpu/bin/python -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile $(WHEELHOUSE)/*.whl
 	.venv-gpu/bin/python -m pip install -q --disable-pip-version-check --no-index --no-deps --no-build-isolation -e .
-	AMENT_PREFIX_PATH=$(CURDIR)/.venv-gpu .venv-gpu/bin/python -m cnn_rnn_perception.gpu_check run --out $${OUT:-gpu-report}
+	AMENT_PREFIX_PATH=$(CURDIR)/.venv-gpu .venv-gpu/bin/python -m cnn_rnn_perception.tools.gpu_check run --out $${OUT:-gpu-report}
 
 clean:
 	rm -rf .venv .venv-jazzy .venv-gpu build install log *.egg-info

@@ -32,8 +32,8 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
-            f'{PACKAGE} = {PACKAGE}.cli:main',
-            f'perception_node = {PACKAGE}.node:main',
+            f'{PACKAGE} = {PACKAGE}.tools.cli:main',
+            f'perception_node = {PACKAGE}.ros.perception_node:main',
         ],
     },
 )

@@ -6,13 +6,14 @@ from pathlib import Path
 import subprocess
 import sys
 
-from cnn_rnn_perception.engine import (
-    choose_backend, create_engine, EngineSettings, InferenceEngine)
-from cnn_rnn_perception.export import export, read_exported
-from cnn_rnn_perception.model import (
+from cnn_rnn_perception.core.engine import (
+    choose_backend, create_engine, EngineSettings, TorchEngine)
+from cnn_rnn_perception.core.engine.export_format import read_exported
+from cnn_rnn_perception.core.model import (
     CnnRnnClassifier, ModelConfig, Preprocessing, save_checkpoint, seeded)
-from cnn_rnn_perception.node_config import PARAMETERS, validate
-from cnn_rnn_perception.selftest import selftest_frames
+from cnn_rnn_perception.core.sample_frames import selftest_frames
+from cnn_rnn_perception.ros.parameters import PARAMETERS, validate
+from cnn_rnn_perception.tools.export import export
 import numpy as np
 import pytest
 
@@ -50,8 +51,8 @@ def test_an_exported_file_alone_runs_the_model_with_its_labels_and_preprocessing
     info = read_exported(tmp_path / name)
     assert (info.config, info.labels, info.preprocessing) == (CONFIG, LABELS, PREPROCESSING)
     frames, orders = selftest_frames(4)
-    with InferenceEngine(model, labels=LABELS, preprocessing=PREPROCESSING,
-                         settings=CPU) as torch_engine:
+    with TorchEngine(model, labels=LABELS, preprocessing=PREPROCESSING,
+                     settings=CPU) as torch_engine:
         want = probabilities(torch_engine, frames, orders)
     with create_engine(tmp_path / name, EngineSettings(device='cpu', backend=backend,
                                                        max_batch=4)) as exported:

@@ -8,13 +8,13 @@ import sys
 import threading
 import time
 
-from cnn_rnn_perception.bags import BadMessage, BagError, BagSource, BagWriter, Labels
-from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
-from cnn_rnn_perception.evaluate import (
+from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
+from cnn_rnn_perception.core.image_conversion import message_to_frame
+from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, save_checkpoint
+from cnn_rnn_perception.core.sample_frames import camera_frame
+from cnn_rnn_perception.tools.bags import BadMessage, BagError, BagSource, BagWriter, Labels
+from cnn_rnn_perception.tools.evaluate import (
     evaluate_bags, flicker, NO_LABEL, Prediction, score, score_scene_recording)
-from cnn_rnn_perception.image_conversion import message_to_frame
-from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, save_checkpoint
-from cnn_rnn_perception.synthetic import camera_frame
 import cv2
 import numpy as np
 import pytest
@@ -61,8 +61,8 @@ def write_scene_bag(path: Path, storage: str = 'sqlite3', bad_frame: bool = True
     return path
 
 
-def engine_for(checkpoint) -> InferenceEngine:
-    return InferenceEngine.from_checkpoint(
+def engine_for(checkpoint) -> TorchEngine:
+    return TorchEngine.from_checkpoint(
         checkpoint, EngineSettings(device='cpu', compile_trunk=False, max_batch=4))
 
 
@@ -197,7 +197,7 @@ def test_scene_scoring_counts_below_threshold_frames_as_misses_and_follows_remap
     assert NO_LABEL in summary['labels']
 
 
-class FailingEngine(InferenceEngine):
+class FailingEngine(TorchEngine):
     """A real engine whose second batch fails, as a device error would."""
 
     def infer(self, frames, **kwargs):
@@ -220,7 +220,7 @@ def test_an_inference_error_ends_evaluation_without_leaving_the_reader_blocked(
     assert not [t for t in threading.enumerate() if t.name == 'bag-reader']
 
 
-class ShapeRecordingEngine(InferenceEngine):
+class ShapeRecordingEngine(TorchEngine):
     def warmup(self, frame_shape=None, batch_sizes=(1,), color_order='bgr'):
         self.warmed = getattr(self, 'warmed', []) + [frame_shape]
         return super().warmup(frame_shape, batch_sizes, color_order)
@@ -270,7 +270,7 @@ def test_evaluate_runs_a_temporal_model_along_each_topic_as_the_node_would(tmp_p
     save_checkpoint(path, model, labels=LABELS)
     bag = write_scene_bag(tmp_path / 'bag', bad_frame=False)
     settings = EngineSettings(device='cpu', compile_trunk=False, max_batch=4)
-    with InferenceEngine.from_checkpoint(path, settings) as engine:
+    with TorchEngine.from_checkpoint(path, settings) as engine:
         result = evaluate_bags([str(bag)], engine, label_topic='/scene_label', batch_size=4,
                                progress=False)
         status = engine.stream_status()
@@ -278,7 +278,7 @@ def test_evaluate_runs_a_temporal_model_along_each_topic_as_the_node_would(tmp_p
     assert {stream[1]: s.frames for stream, s in status.items()} == {
         '/front/image_raw': 12, '/rear/image_raw/compressed': 6}
     expected = []
-    with BagSource(bag) as source, InferenceEngine.from_checkpoint(path, settings) as engine:
+    with BagSource(bag) as source, TorchEngine.from_checkpoint(path, settings) as engine:
         for item in source.frames(['/front/image_raw']):
             frame, order = message_to_frame(item.message)
             expected.append(engine.infer([frame], color_order=order, streams=['front'],

@@ -1,7 +1,7 @@
 """Runs and clips from labelled bags: reset gaps, time-block validation, streaming lanes."""
 
-from cnn_rnn_perception.bags import BagWriter
-from cnn_rnn_perception.clips import (
+from cnn_rnn_perception.tools.bags import BagWriter
+from cnn_rnn_perception.tools.clips import (
     ClipBatches, index_runs, plan_lanes, prefetched, Run, split_by_time_blocks)
 import numpy as np
 import pytest

@@ -7,9 +7,9 @@ import subprocess
 import sys
 import time
 
-from cnn_rnn_perception.demo import CAMERA_TOPIC, LABEL_TOPIC
-from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, save_checkpoint, seeded
-from cnn_rnn_perception.synth import CLASSES, write_recording
+from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, save_checkpoint, seeded
+from cnn_rnn_perception.tools.demo import CAMERA_TOPIC, LABEL_TOPIC
+from cnn_rnn_perception.tools.synth import CLASSES, write_recording
 import psutil
 import pytest
 

@@ -2,10 +2,11 @@
 
 from dataclasses import replace
 
-from cnn_rnn_perception.engine import (
-    EngineSettings, fold_batch_norm, InferenceEngine, resolve_device, resolve_precision)
-from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, Preprocessing, save_checkpoint
-from cnn_rnn_perception.preprocess import (
+from cnn_rnn_perception.core.engine import (
+    EngineSettings, fold_batch_norm, resolve_device, resolve_precision, TorchEngine)
+from cnn_rnn_perception.core.model import (
+    CnnRnnClassifier, ModelConfig, Preprocessing, save_checkpoint)
+from cnn_rnn_perception.core.preprocess import (
     frames_to_tensor_cpu, frames_to_tensor_torch, normalisation)
 import cv2
 import numpy as np
@@ -23,10 +24,10 @@ def model(config: ModelConfig = CONFIG) -> CnnRnnClassifier:
     return CnnRnnClassifier(config).eval()
 
 
-def engine(settings: EngineSettings = EAGER_CPU, **kwargs) -> InferenceEngine:
-    return InferenceEngine(model(), labels=LABELS,
-                           preprocessing=Preprocessing.for_config(CONFIG), settings=settings,
-                           **kwargs)
+def engine(settings: EngineSettings = EAGER_CPU, **kwargs) -> TorchEngine:
+    return TorchEngine(model(), labels=LABELS,
+                       preprocessing=Preprocessing.for_config(CONFIG), settings=settings,
+                       **kwargs)
 
 
 def camera_frames(count: int = 3, shape=(480, 640, 3), seed: int = 0) -> list[np.ndarray]:
@@ -141,8 +142,8 @@ def test_bad_settings_raise_value_errors():
     with pytest.raises(ValueError, match='color_order must be one of rgb, bgr'):
         engine().infer(camera_frames(1), color_order='yuv')
     with pytest.raises(ValueError, match='4 labels for a model with 5 classes'):
-        InferenceEngine(model(), labels=LABELS[:4],
-                        preprocessing=Preprocessing.for_config(CONFIG), settings=EAGER_CPU)
+        TorchEngine(model(), labels=LABELS[:4],
+                    preprocessing=Preprocessing.for_config(CONFIG), settings=EAGER_CPU)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the no-GPU fallback')
@@ -179,10 +180,10 @@ def test_results_carry_sorted_top_k_labels_and_stage_times():
 TEMPORAL = replace(CONFIG, temporal='gru', temporal_hidden_size=16)
 
 
-def temporal_engine(settings: EngineSettings = EAGER_CPU) -> InferenceEngine:
+def temporal_engine(settings: EngineSettings = EAGER_CPU) -> TorchEngine:
     torch.manual_seed(0)
-    return InferenceEngine(CnnRnnClassifier(TEMPORAL).eval(), labels=LABELS,
-                           preprocessing=Preprocessing.for_config(TEMPORAL), settings=settings)
+    return TorchEngine(CnnRnnClassifier(TEMPORAL).eval(), labels=LABELS,
+                       preprocessing=Preprocessing.for_config(TEMPORAL), settings=settings)
 
 
 def stream_of(tested, frames, stream='a', start=0.0, period=0.1):
@@ -246,7 +247,7 @@ def test_engine_from_checkpoint_uses_its_labels_and_preprocessing(tmp_path):
     path = tmp_path / 'model.pt'
     save_checkpoint(path, model(), labels=LABELS,
                     preprocessing=Preprocessing(input_size=CONFIG.input_size, color_order='bgr'))
-    tested = InferenceEngine.from_checkpoint(path, EAGER_CPU)
+    tested = TorchEngine.from_checkpoint(path, EAGER_CPU)
     assert tested.labels == LABELS and tested.preprocessing.color_order == 'bgr'
     frame = camera_frames(1)[0]
     # A bgr-trained model fed a bgr frame sees the same values as the rgb reference fed rgb.
@@ -293,7 +294,7 @@ def test_an_engine_leaves_the_process_torch_state_as_it_found_it():
         else 'cache_size_limit'
     before = (_inductor.config.freezing, getattr(_dynamo.config, limit),
               torch.get_num_threads(), torch.random.get_rng_state())
-    with InferenceEngine.from_config(
+    with TorchEngine.from_config(
             CONFIG, labels=LABELS, settings=EngineSettings(device='cpu', warmup_iterations=1),
             seed=7) as compiled:
         compiled.infer(camera_frames(2), color_order='bgr')
@@ -382,8 +383,8 @@ def test_folding_changes_nothing_another_thread_could_see():
 
 def test_from_config_builds_the_same_model_for_the_same_seed():
     frames = camera_frames(2)
-    first, second = (InferenceEngine.from_config(CONFIG, labels=LABELS, settings=EAGER_CPU,
-                                                 seed=3) for _ in range(2))
+    first, second = (TorchEngine.from_config(CONFIG, labels=LABELS, settings=EAGER_CPU,
+                                             seed=3) for _ in range(2))
     np.testing.assert_array_equal(first.infer(frames)[0].probabilities,
                                   second.infer(frames)[0].probabilities)
 

@@ -3,9 +3,9 @@
 import threading
 import time
 
-from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
-from cnn_rnn_perception.engine_slot import EngineSlot, LoadedModel
-from cnn_rnn_perception.model import ModelConfig
+from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
+from cnn_rnn_perception.core.model import ModelConfig
+from cnn_rnn_perception.ros.engine_slot import EngineSlot, LoadedModel
 import numpy as np
 
 CONFIG = ModelConfig(input_size=(64, 64), hidden_size=8, num_classes=3)
@@ -18,7 +18,7 @@ def factory(events, fail_on=(), delay_s=0.0):
         time.sleep(delay_s)
         if values['name'] in fail_on:
             raise RuntimeError(f'cannot build {values["name"]}')
-        engine = InferenceEngine.from_config(
+        engine = TorchEngine.from_config(
             CONFIG, labels=[f'{values["name"]}_{i}' for i in range(3)],
             settings=EngineSettings(device='cpu', compile_trunk=False, warmup_iterations=1))
         return LoadedModel(engine, engine.labels, values, compiled)

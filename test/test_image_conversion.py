@@ -1,6 +1,6 @@
 """ROS image messages to engine frames: encodings, padding, byte order, bad input."""
 
-from cnn_rnn_perception.image_conversion import (
+from cnn_rnn_perception.core.image_conversion import (
     converter_name, ImageRejected, message_to_frame, scale_to_8_bits, SUPPORTED_ENCODINGS)
 import cv2
 import numpy as np

@@ -2,7 +2,7 @@
 
 import itertools
 
-from cnn_rnn_perception.model import (
+from cnn_rnn_perception.core.model import (
     CnnRnnClassifier, load_checkpoint, ModelConfig, POOLINGS, Preprocessing, preset, RNNS,
     save_checkpoint, SEQUENCES)
 import pytest

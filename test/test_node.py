@@ -4,7 +4,7 @@ from pathlib import Path
 import threading
 import time
 
-from cnn_rnn_perception.model import CnnRnnClassifier, ModelConfig, save_checkpoint, seeded
+from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, save_checkpoint, seeded
 from lifecycle_msgs.msg import Transition
 import numpy as np
 import pytest
@@ -466,8 +466,8 @@ def test_a_model_too_slow_for_the_camera_is_reported_as_an_error(tmp_path, harne
 
 
 def test_the_node_runs_an_exported_model_and_auto_reports_its_choice(tmp_path, harness):
-    from cnn_rnn_perception.export import export
-    from cnn_rnn_perception.model import Preprocessing
+    from cnn_rnn_perception.tools.export import export
+    from cnn_rnn_perception.core.model import Preprocessing
     with seeded(5):
         model = CnnRnnClassifier(TINY).eval()
     onnx_path = tmp_path / 'scene.onnx'

@@ -1,6 +1,6 @@
 """Top-k selection and per-camera probability smoothing."""
 
-from cnn_rnn_perception.postprocess import ProbabilitySmoother, top_k
+from cnn_rnn_perception.core.postprocess import ProbabilitySmoother, top_k
 import numpy as np
 import pytest
 

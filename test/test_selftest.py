@@ -6,11 +6,12 @@ import subprocess
 import sys
 import zipfile
 
-from cnn_rnn_perception.engine import EngineSettings
-from cnn_rnn_perception.gpu_check import _requirements_of, BUILD_ONLY, ON_GPU_IMAGE
-from cnn_rnn_perception.model import ModelConfig
-from cnn_rnn_perception.selftest import (
-    _check_path, model_for_selftest, run_selftest, selftest_frames, TOLERANCE)
+from cnn_rnn_perception.core.engine import EngineSettings
+from cnn_rnn_perception.core.engine import model_parts
+from cnn_rnn_perception.core.model import ModelConfig
+from cnn_rnn_perception.core.sample_frames import selftest_frames
+from cnn_rnn_perception.tools.gpu_check import _requirements_of, BUILD_ONLY, ON_GPU_IMAGE
+from cnn_rnn_perception.tools.selftest import _check_path, run_selftest, TOLERANCE
 import numpy as np
 import pytest
 
@@ -35,7 +36,7 @@ def test_selftest_on_the_cpu_passes_and_reports_every_path(tmp_path):
 
 
 def test_selftest_checks_a_temporal_models_state_beside_another_camera():
-    model, labels, preprocessing = model_for_selftest(
+    model, labels, preprocessing = model_parts(
         None, ModelConfig(input_size=(64, 64), hidden_size=8, temporal='gru',
                           temporal_hidden_size=8))
     report = run_selftest(model, labels=labels, preprocessing=preprocessing, device='cpu',
@@ -47,7 +48,7 @@ def test_selftest_checks_a_temporal_models_state_beside_another_camera():
 
 
 def test_a_path_that_cannot_run_fails_the_selftest_with_its_reason():
-    model, labels, preprocessing = model_for_selftest(
+    model, labels, preprocessing = model_parts(
         None, ModelConfig(input_size=(64, 64), hidden_size=8))
     frames, orders = selftest_frames(6)
     broken = EngineSettings(device='cpu', precision='fp32', max_batch=1, warmup_iterations=1,

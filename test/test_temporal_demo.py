@@ -2,8 +2,8 @@
 
 from unittest import mock
 
-from cnn_rnn_perception import synth
-from cnn_rnn_perception.temporal_demo import prepare_drives
+from cnn_rnn_perception.tools import synth
+from cnn_rnn_perception.tools.temporal_demo import prepare_drives
 
 
 def test_drives_are_drawn_once_a_larger_held_out_set_adds_only_the_new_ones(tmp_path):

@@ -6,12 +6,12 @@ from pathlib import Path
 import subprocess
 import sys
 
-from cnn_rnn_perception.engine import EngineSettings, InferenceEngine
-from cnn_rnn_perception.evaluate import evaluate_bags
-from cnn_rnn_perception.model import load_checkpoint, ModelConfig
-from cnn_rnn_perception.synth import (
+from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
+from cnn_rnn_perception.core.model import load_checkpoint, ModelConfig
+from cnn_rnn_perception.tools.evaluate import evaluate_bags
+from cnn_rnn_perception.tools.synth import (
     write_ego_motion_drive, write_image_folder, write_recording)
-from cnn_rnn_perception.train import (
+from cnn_rnn_perception.tools.train import (
     check_hflip, image_folder_samples, steadiness_penalty, train, TrainSettings)
 import pytest
 import torch
@@ -185,7 +185,7 @@ def test_a_temporal_model_learns_ego_motion_that_no_single_frame_shows(tmp_path)
     # The same model, its state carried along the drive, and reset before every frame.
     for name, reset_after_s in (('carried', 1.0), ('every frame alone', 1e-3)):
         settings = EngineSettings(device='cpu', compile_trunk=False, reset_after_s=reset_after_s)
-        with InferenceEngine.from_checkpoint(checkpoint, settings) as engine:
+        with TorchEngine.from_checkpoint(checkpoint, settings) as engine:
             accuracy[name] = evaluate_bags([str(held_out)], engine, label_topic='/scene_label',
                                            progress=False)['summary']['accuracy']
     assert accuracy['carried'] >= 0.8 and accuracy['every frame alone'] <= 0.45, accuracy

@@ -1,0 +1,78 @@
+"""
+Engines for exported models: the same frame pipeline, a deployment runtime in place of torch.
+
+Frames are resized and normalised on the host exactly as the torch backend does on a CPU
+(OpenCV, then one vectorised normalisation), then handed to the runtime as a contiguous
+float32 [B, 3, H, W] array; what comes back is already probabilities (the export includes the
+softmax). ``onnxruntime_backend`` and ``openvino_backend`` supply only ``_load`` and ``_run``.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import time
+
+from cnn_rnn_perception.core.engine.base import EngineBase, EngineSettings
+from cnn_rnn_perception.core.engine.export_format import read_exported
+from cnn_rnn_perception.core.preprocess import frames_to_tensor_cpu
+import numpy as np
+import torch
+
+
+class ExportedEngine(EngineBase):
+    """An exported model (ONNX or OpenVINO IR) behind the engine's frame pipeline."""
+
+    backend = ''
+
+    def __init__(self, path: str | os.PathLike, settings: EngineSettings) -> None:
+        """Load the file, read its labels and preprocessing, and warm it up."""
+        info = read_exported(path)
+        super().__init__(labels=info.labels, preprocessing=info.preprocessing,
+                         settings=settings)
+        self.config = info.config
+        self.path = os.fspath(path)
+        self.dtype = torch.float32
+        try:
+            self._load(self.path, settings.device)
+            self.warmup()
+        except BaseException:
+            self.close()
+            raise
+
+    @abc.abstractmethod
+    def _load(self, path: str, device: str) -> None:
+        """Load the file on ``device``; set ``self.device`` and ``self.target``."""
+
+    @abc.abstractmethod
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        """Float32 [B, 3, H, W] in, probabilities [B, classes] out."""
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Drop what the runtime holds."""
+
+    def close(self) -> None:
+        """Drop the runtime's model, and the export made for it, if any."""
+        if hasattr(self, 'target'):
+            self._release()
+        folder = getattr(self, '_export_folder', None)
+        if folder is not None:
+            folder.cleanup()
+            self._export_folder = None
+
+    def _probabilities(self, frames: list[np.ndarray], orders: list[str],
+                       slots: list[int], fresh: list[bool]) -> tuple[np.ndarray, float]:
+        images = np.ascontiguousarray(
+            frames_to_tensor_cpu(frames, orders, self.preprocessing).numpy())
+        ready = time.perf_counter()
+        return self._run(images), ready
+
+    def describe(self) -> str:
+        """Return a one-line summary for logs and diagnostics."""
+        config = self.config
+        words = [self.backend, config.backbone, config.sequence, config.rnn]
+        words += ['bidirectional'] if config.bidirectional else []
+        words += [config.pooling, f'{config.input_size[0]}x{config.input_size[1]}',
+                  f'on {self.target}', 'fp32']
+        return ' '.join(words)

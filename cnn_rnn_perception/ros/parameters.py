@@ -1,0 +1,241 @@
+"""
+The node's parameters: every one with its default, description and range, and their checks.
+
+The node declares exactly ``PARAMETERS`` (each with ``descriptor(spec)``); ``validate`` is what
+its on-set callback asks. The ``model.*`` parameters are generated from ``ModelConfig``'s
+fields, so the node, the command line and the checkpoint name a model setting alike. Pure
+functions, tested without ``rclpy.init``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cnn_rnn_perception.core.engine import (
+    BACKENDS, EngineSettings, inspect_model_file, is_exported, parse_device_name, PRECISIONS,
+    resolve_device)
+from cnn_rnn_perception.core.model import default_labels, ModelConfig, user_settings
+from cnn_rnn_perception.core.sample_frames import NAVIGATION_LABELS
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+RELIABILITIES = ('best_effort', 'reliable')
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One ROS parameter: default, description, limits, and whether it can change live."""
+
+    name: str
+    default: Any
+    description: str
+    live: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    read_only: bool = False
+
+
+_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec('autostart', True, 'Configure and activate on start. False leaves the node '
+                  'unconfigured for a lifecycle manager.', read_only=True),
+    ParameterSpec('image_topics', ['/camera/image_raw'], 'Camera topics. A name ending in '
+                  '/compressed is sensor_msgs/CompressedImage, others sensor_msgs/Image.'),
+    ParameterSpec('qos.reliability', 'best_effort', 'Subscription reliability. best_effort '
+                  'matches camera drivers; reliable receives only from reliable publishers.',
+                  choices=RELIABILITIES),
+    ParameterSpec('qos.depth', 2, 'Subscription queue depth; the node keeps only the newest '
+                  'frame per camera anyway.', minimum=1, maximum=100),
+    ParameterSpec('model.checkpoint', '', 'Checkpoint file, or a model exported with '
+                  '"cnn_rnn_perception export" (.onnx, OpenVINO .xml). Empty: build from the '
+                  'model.* parameters with random weights (a loud warning: results mean '
+                  'nothing).'),
+    ParameterSpec('labels', list(NAVIGATION_LABELS), 'Class names, used when the checkpoint '
+                  'has none (and to size a model built without a checkpoint).'),
+    ParameterSpec('device', 'auto', 'auto (GPU if present, else CPU), cpu, cuda or cuda:N.'),
+    ParameterSpec('precision', 'auto', 'Trunk precision: auto (bf16 on GPUs that have it, '
+                  'fp32 on the CPU), fp32, fp16 or bf16.', choices=PRECISIONS),
+    ParameterSpec('compile', True, 'torch.compile the trunk: faster frames, a slower start.'),
+    ParameterSpec('backend', 'torch', 'What runs the model: torch, onnxruntime, openvino, or '
+                  'auto (times each installed one at start and keeps the fastest that agrees '
+                  'with torch).', choices=BACKENDS),
+    ParameterSpec('max_rate_hz', 0.0, 'Most inference batches per second; 0 = as fast as '
+                  'frames come. Frames in between are dropped as stale.', live=True,
+                  minimum=0.0, maximum=1000.0),
+    ParameterSpec('top_k', 5, 'Classes published per frame.', live=True, minimum=1,
+                  maximum=1000),
+    ParameterSpec('score_threshold', 0.0, 'Classes scoring below this are not published.',
+                  live=True, minimum=0.0, maximum=1.0),
+    ParameterSpec('smoothing', 0.0, "Exponential moving average weight of each camera's "
+                  'class history; 0 = off.', live=True, minimum=0.0, maximum=0.99),
+    ParameterSpec('smoothing_reset_s', 2.0, 'A camera gap longer than this (by frame stamps) '
+                  'drops its history.', live=True, minimum=0.001, maximum=3600.0),
+    ParameterSpec('temporal.reset_after_s', 1.0, 'Temporal models: a camera whose frames are '
+                  'further apart than this (by their stamps) starts its state afresh, as it '
+                  'does when its stamps go backwards.', live=True, minimum=0.001,
+                  maximum=3600.0),
+    ParameterSpec('silent_after_s', 2.0, 'Diagnostics warn when a camera sends nothing for '
+                  'this long, and report an error when frames arrive but none is classified '
+                  'for this long.', live=True, minimum=0.1, maximum=3600.0),
+)
+
+
+def _model_parameter(setting) -> ParameterSpec:
+    """Return a ModelConfig field as the node's ``model.<field>`` parameter (it reloads)."""
+    default, meta = setting.default, setting.metadata
+    minimum, maximum = meta['limits'] or (None, None)
+    description = meta['help'][0].upper() + meta['help'][1:] + (
+        '; used when model.checkpoint is empty.')
+    return ParameterSpec(f'model.{setting.name}', list(default) if isinstance(default, tuple)
+                         else default, description, minimum=minimum, maximum=maximum,
+                         choices=meta['choices'])
+
+
+PARAMETERS: tuple[ParameterSpec, ...] = (
+    _NODE_PARAMETERS[:5] + tuple(_model_parameter(setting) for setting in user_settings())
+    + _NODE_PARAMETERS[5:])
+
+SPECS = {spec.name: spec for spec in PARAMETERS}
+RELOAD_HINT = ('it needs a new engine; the node builds it in the background while the '
+               'current one keeps classifying, then switches')
+
+
+def _check_value(spec: ParameterSpec, value: Any) -> str | None:
+    if spec.choices and value not in spec.choices:
+        return f'{spec.name} must be one of {", ".join(spec.choices)}; got {value!r}'
+    if spec.minimum is not None and not spec.minimum <= value <= spec.maximum:
+        return f'{spec.name} must be in [{spec.minimum}, {spec.maximum}]; got {value}'
+    if spec.name == 'image_topics':
+        if not value or any(not topic or ' ' in topic for topic in value):
+            return f'image_topics must be a non-empty list of topic names; got {list(value)}'
+        if len(set(value)) != len(value):
+            return f'image_topics has duplicates: {list(value)}'
+    if spec.name == 'labels' and (not value or len(set(value)) != len(value)):
+        return f'labels must be a non-empty list of distinct names; got {list(value)}'
+    if spec.name == 'model.input_size' and (len(value) != 2 or min(value) < 32):
+        return f'model.input_size must be [height, width], each >= 32; got {list(value)}'
+    if spec.name == 'device':
+        try:
+            # The spelling, then the hardware: cuda:3 on a one-GPU robot is refused here.
+            parse_device_name(value)
+            resolve_device(value, quiet=True)
+        except ValueError as error:
+            return str(error)
+    if spec.name == 'model.checkpoint' and value:
+        try:
+            inspect_model_file(value)
+        except FileNotFoundError:
+            return f'model.checkpoint {value!r}: file not found'
+        except (ValueError, RuntimeError) as error:
+            return f'model.checkpoint: {error}'
+    return None
+
+
+def validate(changes: dict[str, Any], current: dict[str, Any], *,
+             startup: bool = False) -> str | None:
+    """
+    Return why a set of parameter changes is refused, or None when it is valid.
+
+    ``current`` holds every parameter's present value; model fields are checked together, so
+    a strip that does not divide the new feature map is refused with the fix. ``startup``
+    checks values given at start-up (read-only ones included) the same way.
+    """
+    for name, value in changes.items():
+        spec = SPECS.get(name)
+        if spec is None:
+            continue
+        if spec.read_only and not startup:
+            return f'{name} is read-only: set it at start-up (--ros-args -p {name}:=...)'
+        reason = _check_value(spec, value)
+        if reason:
+            return reason
+    merged = {**current, **changes}
+    if ('backend' in changes or 'model.checkpoint' in changes) and merged['backend'] == 'torch' \
+            and merged['model.checkpoint'] and is_exported(merged['model.checkpoint']):
+        return (f'model.checkpoint {merged["model.checkpoint"]!r} is an exported model: set '
+                'backend to onnxruntime, openvino or auto to run it')
+    if any(name.startswith('model.') or name == 'labels' for name in changes):
+        if not merged['model.checkpoint']:
+            try:
+                model_config(merged)
+            except ValueError as error:
+                return str(error)
+    return None
+
+
+def validate_startup(values: dict[str, Any]) -> str | None:
+    """Return why start-up (or configure-time) parameter values are refused, or None."""
+    return validate(values, values, startup=True)
+
+
+def needs_reload(changes: dict[str, Any], running: dict[str, Any] | None = None) -> list[str]:
+    """
+    Return the changed parameters that take effect only through a new engine.
+
+    With ``running`` (the values the current engine was built from), a value set back to
+    what is running needs nothing: that is how a failed reload's revert is told apart.
+    """
+    return sorted(name for name, value in changes.items()
+                  if name in SPECS and not SPECS[name].live and not SPECS[name].read_only
+                  and (running is None or running.get(name) != value))
+
+
+RESUBSCRIBE = ('image_topics', 'qos.reliability', 'qos.depth')
+
+
+def descriptor(spec: ParameterSpec) -> ParameterDescriptor:
+    """Return the ROS descriptor of a parameter: description, range, choices, read-only."""
+    descriptor = ParameterDescriptor(description=spec.description, read_only=spec.read_only)
+    if spec.choices:
+        descriptor.additional_constraints = f'one of: {", ".join(spec.choices)}'
+    if not spec.live and not spec.read_only:
+        descriptor.additional_constraints += (
+            ('; ' if descriptor.additional_constraints else '') + 'changing it reloads the model')
+    if spec.minimum is not None and isinstance(spec.default, int):
+        descriptor.integer_range = [IntegerRange(from_value=int(spec.minimum),
+                                                 to_value=int(spec.maximum), step=1)]
+    elif spec.minimum is not None:
+        descriptor.floating_point_range = [FloatingPointRange(
+            from_value=float(spec.minimum), to_value=float(spec.maximum), step=0.0)]
+    return descriptor
+
+
+def compiles(values: dict[str, Any]) -> bool:
+    """
+    Return whether a second, compiled build follows the first (eager) one.
+
+    For torch, and for auto: its first choice is measured against eager torch so that frames
+    are served within a second; the second measures compiled torch, which is often fastest.
+    """
+    return bool(values['compile']) and values['backend'] in ('torch', 'auto')
+
+
+def model_config(values: dict[str, Any]) -> ModelConfig:
+    """Build the ModelConfig the model.* parameters describe (no checkpoint)."""
+    return ModelConfig(num_classes=len(values['labels']),
+                       **{setting.name: values[f'model.{setting.name}']
+                          for setting in user_settings()})
+
+
+def model_parameters(config: ModelConfig) -> dict[str, Any]:
+    """Return the model.* parameter values that describe ``config``: model_config's inverse."""
+    return {f'model.{setting.name}': (list(value) if isinstance(value, tuple) else value)
+            for setting in user_settings()
+            for value in [getattr(config, setting.name)]}
+
+
+def engine_settings(values: dict[str, Any], camera_count: int, *,
+                    compiled: bool) -> EngineSettings:
+    """Build the engine settings from parameters: one batch holds one frame per camera."""
+    return EngineSettings(device=values['device'], precision=values['precision'],
+                          compile_trunk=compiled, max_batch=max(camera_count, 1),
+                          backend=values['backend'],
+                          reset_after_s=values['temporal.reset_after_s'])
+
+
+def choose_labels(checkpoint_labels: list[str], parameter_labels: list[str]) -> list[str]:
+    """Use the ``labels`` parameter only where the checkpoint has placeholder names."""
+    if (checkpoint_labels == default_labels(len(checkpoint_labels))
+            and len(parameter_labels) == len(checkpoint_labels)):
+        return list(parameter_labels)
+    return list(checkpoint_labels)

@@ -1,0 +1,479 @@
+"""
+Offline evaluation: the engine over every frame of one or more bags, scored against labels.
+
+Reading and decoding run in a thread of their own, feeding batches to the engine through a
+bounded queue, so IO and inference overlap. Frames that fail to decode are counted per topic
+and skipped. The same scoring code scores a replay run's recorded ``~/scene`` output.
+
+Each topic of each bag is one stream, with its frames' stamps: a temporal model carries its
+state along it and resets it by the engine's rules, exactly as in the node. Besides accuracy,
+*flicker* counts how often the label changes per minute of each stream, against how often the
+ground truth itself changes: a navigation stack acts on every change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import asdict, dataclass, field
+import json
+from pathlib import Path
+import queue
+import sys
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+from cnn_rnn_perception.core.engine import create_engine, EngineBase
+from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
+from cnn_rnn_perception.core.postprocess import ProbabilitySmoother
+from cnn_rnn_perception.tools import options
+from cnn_rnn_perception.tools.bags import BadMessage, BagError, BagFrame, BagSource, Labels
+from cnn_rnn_perception.tools.report import write_json
+import numpy as np
+from tqdm import tqdm
+
+
+@dataclass
+class Prediction:
+    """One frame's prediction, as written to the predictions file."""
+
+    bag: str
+    topic: str
+    stamp: float
+    frame_id: str
+    label: str
+    score: float
+    top_k: list[tuple[str, float]]
+    truth: str | None = None
+
+
+@dataclass
+class BadFrames:
+    """Frames counted and skipped, per topic, with the last reason."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def add(self, topic: str, reason: str) -> None:
+        self.counts[topic] = self.counts.get(topic, 0) + 1
+        self.reasons[topic] = reason
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+# What a frame's label is when no class reached the node's score_threshold.
+NO_LABEL = '(none)'
+
+
+def score(truths: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
+          ) -> dict[str, Any]:
+    """Return accuracy, per-class precision/recall and the confusion matrix (rows: truth)."""
+    classes = list(labels) + sorted((set(truths) | set(predicted)) - set(labels))
+    index = {label: position for position, label in enumerate(classes)}
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    for truth, guess in zip(truths, predicted):
+        confusion[index[truth], index[guess]] += 1
+    total = int(confusion.sum())
+    per_class = {}
+    for position, label in enumerate(classes):
+        true_positive = int(confusion[position, position])
+        predicted_count = int(confusion[:, position].sum())
+        support = int(confusion[position].sum())
+        per_class[label] = {
+            'precision': true_positive / predicted_count if predicted_count else None,
+            'recall': true_positive / support if support else None,
+            'support': support}
+    return {'accuracy': float(np.trace(confusion) / total) if total else None,
+            'scored_frames': total, 'labels': classes, 'per_class': per_class,
+            'confusion': confusion.tolist()}
+
+
+def flicker(predictions: Iterable[Prediction], transition_s: float = 0.5) -> dict[str, Any]:
+    """
+    Return label changes per minute, predicted and true, over every stream (bag and topic).
+
+    Each stream is read in stamp order; its minutes run from its first frame to its last.
+    ``flicker_ratio`` is predicted over true changes: 1 is a model as steady as the truth, 5
+    one that changes its mind five times for every real change. ``excess_flicker_per_min``
+    counts the changes beyond the truth's number. ``spurious_changes_per_min`` counts the
+    changes further than ``transition_s`` from any change of the truth: flips while the scene
+    stays what it is (a figure crossing), which a navigation stack should never see; a model
+    passing through a third label while one scene fades into the next is not counted there.
+    """
+    streams: dict[tuple[str, str], list[Prediction]] = {}
+    for prediction in predictions:
+        streams.setdefault((prediction.bag, prediction.topic), []).append(prediction)
+    predicted = true = excess = spurious = 0
+    minutes = 0.0
+    for frames in streams.values():
+        frames.sort(key=lambda p: p.stamp)
+        minutes += (frames[-1].stamp - frames[0].stamp) / 60.0
+        changes = [b.stamp for a, b in zip(frames, frames[1:]) if a.label != b.label]
+        labelled = [p for p in frames if p.truth is not None]
+        real = np.array([b.stamp for a, b in zip(labelled, labelled[1:]) if a.truth != b.truth])
+        predicted, true = predicted + len(changes), true + len(real)
+        excess += max(len(changes) - len(real), 0)
+        spurious += sum(1 for stamp in changes
+                        if not len(real) or np.abs(real - stamp).min() > transition_s)
+    if minutes <= 0:
+        return {'flicker_per_min': None, 'truth_changes_per_min': None,
+                'excess_flicker_per_min': None, 'spurious_changes_per_min': None,
+                'flicker_ratio': None}
+    return {'flicker_per_min': predicted / minutes, 'truth_changes_per_min': true / minutes,
+            'excess_flicker_per_min': excess / minutes,
+            'spurious_changes_per_min': spurious / minutes,
+            'flicker_ratio': predicted / true if true else None}
+
+
+def format_scores(scores: dict[str, Any]) -> str:
+    """Render per-class metrics and the confusion matrix as text."""
+    labels = scores['labels']
+    corner = 'truth \\ predicted'
+    width = max(len(label) for label in labels + [corner])
+    lines = [f'accuracy {scores["accuracy"]:.4f} over {scores["scored_frames"]} labelled frames']
+    if scores.get('flicker_per_min') is not None:
+        lines.append(f'flicker {scores["flicker_per_min"]:.1f} label changes per minute, '
+                     f'ground truth {scores["truth_changes_per_min"]:.1f}; spurious (over 0.5 s '
+                     f'from a real change) {scores["spurious_changes_per_min"]:.1f}')
+    lines += ['', f'{"class":<{width}}  precision  recall  support']
+    for label in labels:
+        metrics = scores['per_class'][label]
+        precision = '-' if metrics['precision'] is None else f'{metrics["precision"]:.3f}'
+        recall = '-' if metrics['recall'] is None else f'{metrics["recall"]:.3f}'
+        lines.append(f'{label:<{width}}  {precision:>9}  {recall:>6}  {metrics["support"]:>7}')
+    cell = max(6, max(len(label) for label in labels))
+    lines += ['', f'{corner:<{width}}  ' + ' '.join(
+        f'{label[:cell]:>{cell}}' for label in labels)]
+    for label, row in zip(labels, scores['confusion']):
+        lines.append(f'{label:<{width}}  ' + ' '.join(f'{count:>{cell}}' for count in row))
+    return '\n'.join(lines)
+
+
+def plot_confusion(scores: dict[str, Any], path: str | Path, title: str = '') -> None:
+    """Write the confusion matrix as a PNG, counts in every cell."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot
+
+    labels = scores['labels']
+    matrix = np.array(scores['confusion'])
+    figure, axes = pyplot.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(labels) + 1.5))
+    axes.imshow(matrix, cmap='Blues')
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha='right')
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel('predicted')
+    axes.set_ylabel('truth')
+    limit = matrix.max() / 2 if matrix.size else 0
+    for row in range(len(labels)):
+        for column in range(len(labels)):
+            axes.text(column, row, str(matrix[row, column]), ha='center', va='center',
+                      color='white' if matrix[row, column] > limit else 'black')
+    accuracy = scores['accuracy']
+    axes.set_title(title or (f'accuracy {accuracy:.3f}' if accuracy is not None else ''))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+class PredictionWriter:
+    """Predictions to CSV or JSONL, chosen by the file's suffix."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._handle = None
+        self._csv = None
+        if self.path is None:
+            return
+        if self.path.suffix not in ('.csv', '.jsonl'):
+            raise ValueError(f'predictions file must end in .csv or .jsonl; got {self.path}')
+        self._handle = self.path.open('w', newline='')
+        if self.path.suffix == '.csv':
+            self._csv = csv.writer(self._handle)
+            self._csv.writerow(['bag', 'topic', 'stamp', 'frame_id', 'label', 'score', 'top_k',
+                                'truth'])
+
+    def write(self, prediction: Prediction) -> None:
+        if self._handle is None:
+            return
+        if self._csv is not None:
+            top = ';'.join(f'{label}:{value:.4f}' for label, value in prediction.top_k)
+            self._csv.writerow([prediction.bag, prediction.topic, f'{prediction.stamp:.9f}',
+                                prediction.frame_id, prediction.label,
+                                f'{prediction.score:.6f}', top, prediction.truth or ''])
+        else:
+            self._handle.write(json.dumps(asdict(prediction)) + '\n')
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+_DONE = object()
+
+
+def _put(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put ``item`` unless the consumer has stopped; a full queue then never blocks for ever."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _decode_bags(paths: Sequence[str], topics: Sequence[str] | None, label_topic: str | None,
+                 labels_csv: str | None, out: queue.Queue, bad: BadFrames,
+                 stop: threading.Event) -> None:
+    """Read and decode frames into ``out`` (the producer); a fatal error goes in the queue."""
+    try:
+        sidecar = Labels.from_csv(labels_csv) if labels_csv else None
+        for path in paths:
+            with BagSource(path) as bag:
+                selected = bag.image_topics(topics)
+                labels = bag.labels(label_topic) if label_topic else sidecar
+                for item in bag.frames(selected, labels, labels_by_stamp=sidecar is not None):
+                    if stop.is_set():
+                        return
+                    if isinstance(item, BadMessage):
+                        bad.add(item.topic, item.reason)
+                        continue
+                    try:
+                        frame, order = message_to_frame(item.message)
+                    except ImageRejected as error:
+                        bad.add(item.topic, str(error))
+                        continue
+                    item.message = None  # the decoded frame is all that is needed now
+                    if not _put(out, (item, frame, order), stop):
+                        return
+    except BaseException as error:  # handed to the consumer, which raises it
+        _put(out, error, stop)
+    finally:
+        _put(out, _DONE, stop)
+
+
+def evaluate_bags(paths: Sequence[str], engine: EngineBase, *,
+                  topics: Sequence[str] | None = None, label_topic: str | None = None,
+                  labels_csv: str | None = None, batch_size: int = 16,
+                  predictions_path: str | Path | None = None, top_k: int = 5,
+                  smoothing: float = 0.0, smoothing_reset_s: float = 2.0,
+                  progress: bool = True) -> dict[str, Any]:
+    """
+    Run the engine over every frame; return predictions, counts, throughput and scores.
+
+    ``smoothing`` averages each stream's probabilities over time as the node's ``smoothing``
+    parameter does, so a per-frame model can be scored the way it would run.
+    """
+    smoother = ProbabilitySmoother(smoothing, smoothing_reset_s)
+    if label_topic and labels_csv:
+        raise ValueError('give either a label topic or a labels CSV, not both')
+    bad = BadFrames()
+    frames: queue.Queue = queue.Queue(maxsize=4 * batch_size)
+    stop = threading.Event()
+    producer = threading.Thread(target=_decode_bags, daemon=True, name='bag-reader', args=(
+        list(paths), topics, label_topic, labels_csv, frames, bad, stop))
+    writer = PredictionWriter(predictions_path)
+    predictions: list[Prediction] = []
+    engine_seconds = 0.0
+    producer.start()
+    bar = tqdm(desc='evaluating', unit='frame', disable=not progress)
+    try:
+        # Compile (or capture) at the shape the bag's frames really have, before the clock
+        # starts: throughput is steady state, not the first compile.
+        first = frames.get()
+        if isinstance(first, tuple):
+            # infer splits batches larger than max_batch: that is the batch the model runs.
+            engine.warmup(frame_shape=first[1].shape,
+                          batch_sizes=[min(batch_size, engine.settings.max_batch)],
+                          color_order=first[2])
+        waiting = [first]
+        started = time.perf_counter()
+        finished = False
+        while not finished:
+            batch: list[tuple[BagFrame, np.ndarray, str]] = []
+            while len(batch) < batch_size:
+                item = waiting.pop() if waiting else frames.get()
+                if item is _DONE:
+                    finished = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                batch.append(item)
+            if not batch:
+                continue
+            infer_started = time.perf_counter()
+            results = engine.infer([frame for _, frame, _ in batch],
+                                   color_order=[order for _, _, order in batch],
+                                   streams=[(record.bag, record.topic) for record, _, _ in batch],
+                                   stamps=[record.stamp_ns * 1e-9 for record, _, _ in batch])
+            engine_seconds += time.perf_counter() - infer_started
+            for (record, _, _), result in zip(batch, results):
+                ranked = smoother.rank((record.bag, record.topic), record.stamp_ns * 1e-9,
+                                       result.probabilities, top_k, engine.labels)
+                prediction = Prediction(
+                    bag=record.bag, topic=record.topic, stamp=record.stamp_ns * 1e-9,
+                    frame_id=record.frame_id, label=ranked[0][0], score=ranked[0][1],
+                    top_k=ranked, truth=record.label)
+                predictions.append(prediction)
+                writer.write(prediction)
+            bar.update(len(batch))
+    finally:
+        stop.set()
+        producer.join(timeout=10.0)
+        bar.close()
+        writer.close()
+    elapsed = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        'bags': [str(path) for path in paths], 'frames': len(predictions),
+        'bad_frames': bad.total, 'bad_frames_by_topic': bad.counts,
+        'bad_frame_reasons': bad.reasons, 'batch_size': batch_size,
+        'frames_per_s': len(predictions) / elapsed if elapsed else None,
+        'engine_frames_per_s': len(predictions) / engine_seconds if engine_seconds else None,
+        'engine': engine.describe(), 'smoothing': smoothing,
+    }
+    if summary['frames_per_s'] and summary['engine_frames_per_s']:
+        summary['throughput_vs_engine'] = summary['frames_per_s'] / summary['engine_frames_per_s']
+    summary.update(_scores_of(predictions, engine.labels))
+    return {'summary': summary, 'predictions': predictions}
+
+
+def _scores_of(predictions: Sequence[Prediction], labels: Sequence[str]) -> dict[str, Any]:
+    labelled = [p for p in predictions if p.truth is not None]
+    if not labelled:
+        return {'accuracy': None, 'scored_frames': 0}
+    return {**score([p.truth for p in labelled], [p.label for p in labelled], labels),
+            **flicker(predictions)}
+
+
+def score_scene_recording(scenes_path: str | Path, bag_path: str, *, label_topic: str | None,
+                          labels_csv: str | None = None,
+                          remap: dict[str, str] | None = None) -> dict[str, Any]:
+    """
+    Score a replay run's recorded ``~/scene`` JSONL against the bag's labels.
+
+    ``remap`` is what the replay was given (bag topic to published topic), so scenes on a
+    remapped topic find their frames in the bag.
+    """
+    scenes_path = Path(scenes_path)
+    if not scenes_path.is_file():
+        raise BagError(f'scene recording not found: {str(scenes_path)!r}')
+    scenes = [json.loads(line) for line in scenes_path.read_text().splitlines() if line.strip()]
+    sidecar = Labels.from_csv(labels_csv) if labels_csv else None
+    truths: dict[tuple[str, int], str | None] = {}
+    with BagSource(bag_path) as bag:
+        labels = bag.labels(label_topic) if label_topic else sidecar
+        for item in bag.frames(bag.image_topics(None), labels,
+                               labels_by_stamp=sidecar is not None):
+            if isinstance(item, BagFrame):
+                truths[(item.topic, item.stamp_ns)] = item.label
+    bag_topic = {published: recorded for recorded, published in (remap or {}).items()}
+    foreign = sorted({scene['topic'] for scene in scenes} - set(bag_topic)
+                     - {topic for topic, _ in truths})
+    if scenes and len(foreign) == len({scene['topic'] for scene in scenes}):
+        raise BagError(f'no scene is on a topic of {bag_path!r} (scenes on {foreign}); if the '
+                       'replay remapped topics, give the same --remap FROM:=TO here')
+    predictions = []
+    for scene in scenes:
+        stamp_ns = scene['stamp']['sec'] * 1_000_000_000 + scene['stamp']['nanosec']
+        topic = bag_topic.get(scene['topic'], scene['topic'])
+        predictions.append(Prediction(
+            bag=bag_path, topic=topic, stamp=stamp_ns * 1e-9,
+            frame_id=scene['frame_id'],
+            label=scene['label'] if scene['label'] is not None else NO_LABEL,
+            score=scene['score'] if scene['score'] is not None else 0.0,
+            top_k=[(entry['label'], entry['score']) for entry in scene['top_k']],
+            truth=truths.get((topic, stamp_ns))))
+    seen_truths = {p.truth for p in predictions if p.truth is not None}
+    class_names = sorted({p.label for p in predictions} | seen_truths)
+    summary = {'bags': [bag_path], 'frames': len(predictions),
+               'unmatched_scenes': sum(1 for p in predictions if p.truth is None)}
+    summary.update(_scores_of(predictions, class_names))
+    return {'summary': summary, 'predictions': predictions}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the evaluate command's flags."""
+    parser.description = (
+        'Run a checkpoint over every image of one or more bags (rosbag2 directories, .db3 or '
+        '.mcap files, ROS 1 .bag), write per-frame predictions, and with ground truth report '
+        'accuracy, per-class precision/recall, flicker (label changes per minute against the '
+        "ground truth's own) and a confusion matrix. Each topic of each bag is one stream in "
+        'stamp order: a temporal model carries and resets its state as in the node. '
+        '--min-accuracy makes the exit code fail below a threshold, for CI.')
+    parser.add_argument('bags', nargs='+', metavar='BAG')
+    options.add(parser, '--checkpoint', help='the model to evaluate')
+    options.add(parser, '--topics', '--label-topic')
+    parser.add_argument('--labels-csv', help='sidecar CSV of stamp,label rows (stamps in '
+                        'seconds, matched to frame header stamps)')
+    options.add(parser, '--batch-size', default=16, help='frames per batch (default: 16)')
+    options.add(parser, '--output', metavar='FILE.csv|FILE.jsonl',
+                help='write per-frame predictions')
+    parser.add_argument('--summary', metavar='FILE.json', help='write the summary as JSON')
+    parser.add_argument('--confusion-png', metavar='FILE.png',
+                        help='draw the confusion matrix')
+    parser.add_argument('--min-accuracy', type=float,
+                        help='exit with code 1 when accuracy is below this')
+    parser.add_argument('--scenes', metavar='FILE.jsonl', help="score a replay run's "
+                        'recorded ~/scene output instead of running a model')
+    options.add(parser, '--remap', help='with --scenes: the remaps the replay was given, so '
+                                        'scenes on a remapped topic find their frames in the '
+                                        'bag')
+    parser.add_argument('--smoothing', type=float, default=0.0,
+                        help="average each stream's probabilities over time with this "
+                             "weight, as the node's smoothing parameter does (default: 0)")
+    options.add(parser, '--reset-after-s', '--compile', '--no-progress')
+    options.add_engine_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Score a model (or a replay recording) on bags and print the scores."""
+    if args.scenes:
+        if len(args.bags) != 1:
+            raise ValueError('--scenes scores one replay recording against one bag')
+        from cnn_rnn_perception.tools.replay import parse_remaps
+        result = score_scene_recording(args.scenes, args.bags[0], label_topic=args.label_topic,
+                                       labels_csv=args.labels_csv,
+                                       remap=parse_remaps(args.remap))
+        writer = PredictionWriter(args.output)
+        for prediction in result['predictions']:
+            writer.write(prediction)
+        writer.close()
+    else:
+        if not args.checkpoint:
+            raise ValueError('evaluate needs --checkpoint (a trained model), or --scenes to '
+                             'score a replay recording')
+        settings = options.engine_settings(args, max_batch=args.batch_size,
+                                           reset_after_s=args.reset_after_s)
+        with create_engine(args.checkpoint, settings) as engine:
+            result = evaluate_bags(args.bags, engine, topics=args.topics,
+                                   label_topic=args.label_topic, labels_csv=args.labels_csv,
+                                   batch_size=args.batch_size, predictions_path=args.output,
+                                   smoothing=args.smoothing, progress=not args.no_progress)
+    summary = result['summary']
+    print(f'{summary["frames"]} frames from {len(summary["bags"])} bag(s)'
+          + (f', {summary["bad_frames"]} bad frames skipped' if summary.get('bad_frames') else '')
+          + (f', {summary["frames_per_s"]:.1f} frames/s ({summary["throughput_vs_engine"]:.0%} '
+             "of the engine's own throughput)" if summary.get('throughput_vs_engine') else ''))
+    for topic, reason in summary.get('bad_frame_reasons', {}).items():
+        print(f'  {topic}: {summary["bad_frames_by_topic"][topic]} bad, last: {reason}')
+    if summary['accuracy'] is not None:
+        print(format_scores(summary))
+        if args.confusion_png:
+            plot_confusion(summary, args.confusion_png)
+            print(f'wrote {args.confusion_png}')
+    elif args.label_topic or args.labels_csv:
+        print('no frame had a label at or before it: nothing scored')
+    if args.output:
+        print(f'wrote {args.output}')
+    write_json(args.summary, summary)
+    if args.min_accuracy is not None:
+        if summary['accuracy'] is None:
+            raise ValueError('--min-accuracy needs ground truth: --label-topic or --labels-csv')
+        if summary['accuracy'] < args.min_accuracy:
+            print(f'FAIL: accuracy {summary["accuracy"]:.4f} is below --min-accuracy '
+                  f'{args.min_accuracy}', file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,450 @@
+"""
+Synthetic navigation scenes: procedurally drawn camera frames of the classes a robot acts on.
+
+Every frame is a room seen in perspective (floor, ceiling, side walls, far wall) with surface
+textures, a lighting gradient, sensor noise, blur and a little camera roll and pitch. The
+classes differ in geometry, some only by side, so the model has to reason about where things
+are: ``doorway_left`` and ``doorway_right`` are mirror images of each other.
+
+Written as an ImageFolder dataset (``train/CLASS/*.png``, ``val/CLASS/*.png``) and as rosbag2
+recordings: an image topic at a camera rate with smooth transitions between scenes, a
+``std_msgs/String`` label topic and ``sensor_msgs/CameraInfo``. Deterministic by seed.
+
+Two kinds of drive need time to label, for temporal models:
+
+- ``write_recording(..., occluders=True)``: scenes as above, with a figure crossing close to
+  the camera now and then (0.3 to 1 s); the scene label does not change while it passes.
+- ``write_ego_motion_drive``: a camera tilted at a floor under coloured lights, labelled by what
+  the robot does (``forward``, ``turning_left``, ``turning_right``, ``stopped``). Every frame
+  is a view of the same floor at some place, so no single frame tells the motion: only how the
+  view changes from frame to frame does.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from cnn_rnn_perception.core.sample_frames import NAVIGATION_LABELS
+from cnn_rnn_perception.tools import options
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+CLASSES = tuple(NAVIGATION_LABELS)
+MOTIONS = ('forward', 'turning_left', 'turning_right', 'stopped')
+
+
+@dataclass(frozen=True)
+class SceneParameters:
+    """Everything random about one scene, drawn once, so a recording can move through it."""
+
+    label: str
+    vanishing_x: float      # fraction of the width
+    horizon: float          # fraction of the height
+    far_half_width: float   # far wall half-width, fraction of the width
+    far_half_height: float
+    colours: tuple          # floor, ceiling, left wall, right wall, far wall, feature
+    texture_seed: int
+    light_angle: float
+    light_strength: float
+    feature_depth: float    # where a doorway or obstacle sits, 0 near ... 1 far
+    roll_deg: float
+    noise: float
+    blur: int
+
+
+def draw_parameters(label: str, rng: np.random.Generator) -> SceneParameters:
+    """Draw a random scene of one class."""
+    if label not in CLASSES:
+        raise ValueError(f'unknown scene class {label!r}; classes: {", ".join(CLASSES)}')
+    wall = rng.integers(90, 210, 3)
+    colours = (tuple(int(v) for v in rng.integers(30, 120, 3)),            # floor
+               tuple(int(v) for v in rng.integers(150, 240, 3)),           # ceiling
+               tuple(int(v) for v in np.clip(wall + rng.integers(-25, 25, 3), 0, 255)),
+               tuple(int(v) for v in np.clip(wall + rng.integers(-25, 25, 3), 0, 255)),
+               tuple(int(v) for v in rng.integers(60, 220, 3)),            # far wall
+               tuple(int(v) for v in rng.integers(0, 80, 3)))              # doorway / obstacle
+    open_space = label == 'open_space'
+    return SceneParameters(
+        label=label, vanishing_x=float(rng.uniform(0.42, 0.58)),
+        horizon=float(rng.uniform(0.4, 0.55)),
+        far_half_width=float(rng.uniform(0.35, 0.48) if open_space else rng.uniform(0.07, 0.14)),
+        far_half_height=float(rng.uniform(0.05, 0.1) if open_space else rng.uniform(0.08, 0.15)),
+        colours=colours, texture_seed=int(rng.integers(0, 2**31)),
+        light_angle=float(rng.uniform(0, 2 * np.pi)), light_strength=float(rng.uniform(0.1, 0.4)),
+        feature_depth=float(rng.uniform(0.25, 0.6)), roll_deg=float(rng.uniform(-6, 6)),
+        noise=float(rng.uniform(2, 9)), blur=int(rng.choice([0, 0, 3, 5])))
+
+
+def _lerp(a, b, t: float) -> np.ndarray:
+    return np.asarray(a, float) + (np.asarray(b, float) - np.asarray(a, float)) * t
+
+
+def _textured(frame: np.ndarray, polygon: np.ndarray, colour: tuple, rng: np.random.Generator,
+              stripes: bool) -> None:
+    """Fill a polygon with a colour, a random texture and (for floors) receding stripes."""
+    mask = np.zeros(frame.shape[:2], np.uint8)
+    cv2.fillConvexPoly(mask, polygon.astype(np.int32), 255)
+    texture = rng.normal(0, 10, frame.shape[:2])
+    if stripes:
+        rows = np.arange(frame.shape[0])[:, None]
+        texture += 12 * np.sin(rows * rng.uniform(0.15, 0.4))
+    surface = np.clip(np.asarray(colour, float)[None, None, :] + texture[..., None], 0, 255)
+    frame[mask > 0] = surface[mask > 0]
+
+
+def render(scene: SceneParameters, height: int = 240, width: int = 320, *,
+           advance: float = 0.0) -> np.ndarray:
+    """
+    Draw a scene as a BGR uint8 frame; ``advance`` (0..1) moves the camera forward.
+
+    Moving forward brings the far wall and any doorway or obstacle closer, so a recording
+    can travel smoothly through a scene.
+    """
+    rng = np.random.default_rng(scene.texture_seed)
+    frame = np.zeros((height, width, 3), np.uint8)
+    vx, vy = scene.vanishing_x * width, scene.horizon * height
+    grow = 1.0 + 0.6 * advance
+    half_w = scene.far_half_width * width * grow
+    half_h = scene.far_half_height * height * grow
+    far = np.array([[vx - half_w, vy - half_h], [vx + half_w, vy - half_h],
+                    [vx + half_w, vy + half_h], [vx - half_w, vy + half_h]])
+    corners = np.array([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]], float)
+    floor, ceiling, left, right, far_colour, feature = scene.colours
+    _textured(frame, np.array([corners[0], corners[1], far[1], far[0]]), ceiling, rng, False)
+    _textured(frame, np.array([far[3], far[2], corners[2], corners[3]]), floor, rng, True)
+    if scene.label == 'open_space':
+        _textured(frame, np.array([corners[0], far[0], far[3], corners[3]]), floor, rng, True)
+        _textured(frame, np.array([far[1], corners[1], corners[2], far[2]]), floor, rng, True)
+    else:
+        _textured(frame, np.array([corners[0], far[0], far[3], corners[3]]), left, rng, False)
+        _textured(frame, np.array([far[1], corners[1], corners[2], far[2]]), right, rng, False)
+    _textured(frame, far, far_colour, rng, False)
+
+    def wall_opening(side: str, depth: float, span: float, tall: float) -> np.ndarray:
+        """Return a quad on a side wall between two depths (0 = camera, 1 = far wall)."""
+        near_depth, far_depth = max(depth - span / 2, 0.0), min(depth + span / 2, 0.95)
+        image_edge, far_edge = (corners[0], far[0]) if side == 'left' else (corners[1], far[1])
+        image_bottom, far_bottom = (corners[3], far[3]) if side == 'left' else (corners[2], far[2])
+        top_near, top_far = _lerp(image_edge, far_edge, near_depth), _lerp(image_edge, far_edge,
+                                                                           far_depth)
+        bottom_near = _lerp(image_bottom, far_bottom, near_depth)
+        bottom_far = _lerp(image_bottom, far_bottom, far_depth)
+        top_near = _lerp(bottom_near, top_near, tall)
+        top_far = _lerp(bottom_far, top_far, tall)
+        return np.array([top_near, top_far, bottom_far, bottom_near])
+
+    depth = min(scene.feature_depth + 0.5 * advance, 0.85)
+    if scene.label in ('doorway_left', 'doorway_right'):
+        side = 'left' if scene.label == 'doorway_left' else 'right'
+        cv2.fillConvexPoly(frame, wall_opening(side, depth, 0.3, 0.8).astype(np.int32), feature)
+    elif scene.label == 'junction':
+        for side in ('left', 'right'):
+            cv2.fillConvexPoly(frame, wall_opening(side, 0.75, 0.4, 1.0).astype(np.int32),
+                               feature)
+    elif scene.label == 'blocked':
+        size = (0.25 + 0.35 * (1 - depth)) * grow
+        cx, bottom = vx, vy + (height - vy) * (0.55 + 0.3 * (1 - depth))
+        box = np.array([[cx - size * width / 2, bottom - size * height * 0.9],
+                        [cx + size * width / 2, bottom - size * height * 0.9],
+                        [cx + size * width / 2, bottom], [cx - size * width / 2, bottom]])
+        _textured(frame, box, feature, rng, False)
+
+    # Lighting gradient, sensor noise, blur, camera roll.
+    rows, columns = np.mgrid[0:height, 0:width]
+    light = 1.0 + scene.light_strength * (
+        np.cos(scene.light_angle) * (columns / width - 0.5)
+        + np.sin(scene.light_angle) * (rows / height - 0.5))
+    lit = frame * light[..., None] + rng.normal(0, scene.noise, frame.shape)
+    frame = np.clip(lit, 0, 255).astype(np.uint8)
+    if scene.blur:
+        frame = cv2.GaussianBlur(frame, (scene.blur, scene.blur), 0)
+    rotation = cv2.getRotationMatrix2D((width / 2, height / 2), scene.roll_deg, 1.05)
+    return cv2.warpAffine(frame, rotation, (width, height), borderMode=cv2.BORDER_REFLECT)
+
+
+def scene_frames(count: int, *, seed: int, height: int = 240, width: int = 320
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``count`` (label, frame) pairs, classes in turn, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        label = CLASSES[index % len(CLASSES)]
+        scene = draw_parameters(label, rng)
+        yield label, render(scene, height, width, advance=float(rng.uniform(0, 0.6)))
+
+
+def write_image_folder(root: str | Path, *, train_per_class: int, val_per_class: int,
+                       seed: int = 0, height: int = 240, width: int = 320,
+                       progress: bool = True) -> Path:
+    """Write ``root/train/CLASS/*.png`` and ``root/val/CLASS/*.png``; return root."""
+    root = Path(root)
+    for split, per_class, split_seed in (('train', train_per_class, seed),
+                                         ('val', val_per_class, seed + 1_000_003)):
+        for label in CLASSES:
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+        total = per_class * len(CLASSES)
+        frames = scene_frames(total, seed=split_seed, height=height, width=width)
+        for index, (label, frame) in enumerate(tqdm(frames, total=total, desc=f'synth {split}',
+                                                    leave=False, disable=not progress)):
+            cv2.imwrite(str(root / split / label / f'{index:05d}.png'), frame)
+    return root
+
+
+def _camera_info(bag, stamp_ns: int, height: int, width: int):
+    """Return a pinhole CameraInfo with a 90-degree horizontal field of view."""
+    types = bag.typestore.types
+    focal = width / 2
+    return types['sensor_msgs/msg/CameraInfo'](
+        header=bag.header(stamp_ns, 'camera'), height=height, width=width,
+        distortion_model='plumb_bob', d=np.zeros(5),
+        k=np.array([focal, 0, width / 2, 0, focal, height / 2, 0, 0, 1], float),
+        r=np.eye(3).reshape(-1),
+        p=np.array([focal, 0, width / 2, 0, 0, focal, height / 2, 0, 0, 0, 1, 0], float),
+        binning_x=0, binning_y=0,
+        roi=types['sensor_msgs/msg/RegionOfInterest'](
+            x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+
+
+@dataclass(frozen=True)
+class Occluder:
+    """A figure crossing the view close to the camera, from ``start`` for ``frames`` frames."""
+
+    start: int
+    frames: int
+    leftward: bool
+    colour: tuple
+    width: float   # fraction of the frame width
+
+
+def draw_occluders(total_frames: int, rate_hz: float, rng: np.random.Generator
+                   ) -> list[Occluder]:
+    """Figures crossing 0.3 to 1 s each, one every 2 to 5 s on average, never two at once."""
+    occluders, frame = [], int(rng.uniform(1.0, 3.0) * rate_hz)
+    while frame < total_frames:
+        length = max(int(round(rng.uniform(0.3, 1.0) * rate_hz)), 2)
+        occluders.append(Occluder(
+            start=frame, frames=length, leftward=bool(rng.random() < 0.5),
+            colour=tuple(int(v) for v in rng.integers(10, 90, 3)),
+            width=float(rng.uniform(0.3, 0.5))))
+        frame += length + int(rng.uniform(1.5, 4.5) * rate_hz)
+    return occluders
+
+
+def draw_occluder(frame: np.ndarray, occluder: Occluder, step: int) -> None:
+    """Draw a person-like silhouette (body and head) at its place ``step`` frames in."""
+    height, width = frame.shape[:2]
+    body = occluder.width * width
+    progress = (step + 0.5) / occluder.frames
+    if occluder.leftward:
+        progress = 1.0 - progress
+    centre = -body / 2 + progress * (width + body)
+    top = 0.22 * height
+    cv2.rectangle(frame, (int(centre - body / 2), int(top)), (int(centre + body / 2), height),
+                  occluder.colour, -1)
+    cv2.circle(frame, (int(centre), int(top)), int(body * 0.3), occluder.colour, -1)
+
+
+def write_recording(path: str | Path, *, scenes: int, seconds_per_scene: float = 2.0,
+                    rate_hz: float = 15.0, seed: int = 0, height: int = 240, width: int = 320,
+                    topic: str = '/camera/image_raw', label_topic: str = '/scene_label',
+                    storage: str = 'sqlite3', occluders: bool = False,
+                    progress: bool = True) -> Path:
+    """
+    Record a drive through ``scenes`` scenes as a rosbag2: frames, labels and CameraInfo.
+
+    The camera moves forward through each scene; between scenes the frames cross-fade over a
+    third of a second, and the label switches at the middle of the fade. With ``occluders``,
+    figures cross the view now and then without changing the label.
+    """
+    from cnn_rnn_perception.tools.bags import BagWriter
+
+    rng = np.random.default_rng(seed)
+    labels = [CLASSES[int(v)] for v in rng.permutation(np.resize(np.arange(len(CLASSES)),
+                                                                 scenes))]
+    parameters = [draw_parameters(label, rng) for label in labels]
+    frames_per_scene = int(round(seconds_per_scene * rate_hz))
+    crossing = {}
+    if occluders:
+        for occluder in draw_occluders(scenes * frames_per_scene, rate_hz, rng):
+            crossing.update({occluder.start + step: (occluder, step)
+                             for step in range(occluder.frames)})
+    fade = max(int(round(rate_hz / 3)), 1)
+    start_ns, period_ns = 1_700_000_000 * 1_000_000_000, int(1e9 / rate_hz)
+    path = Path(path)
+    info_topic = topic.rsplit('/', 1)[0] + '/camera_info'
+    with BagWriter(path, storage=storage) as bag:
+        bar = tqdm(total=scenes * frames_per_scene, desc='synth recording', leave=False,
+                   disable=not progress)
+        written_label = None
+        for scene_index, scene in enumerate(parameters):
+            for step in range(frames_per_scene):
+                stamp = start_ns + (scene_index * frames_per_scene + step) * period_ns
+                frame = render(scene, height, width, advance=step / frames_per_scene)
+                label = scene.label
+                into_fade = step - (frames_per_scene - fade) + 1
+                if into_fade > 0 and scene_index + 1 < scenes:
+                    weight = into_fade / (fade + 1)
+                    following = render(parameters[scene_index + 1], height, width)
+                    frame = cv2.addWeighted(frame, 1 - weight, following, weight, 0)
+                    if weight >= 0.5:  # the label follows what dominates the picture
+                        label = labels[scene_index + 1]
+                index = scene_index * frames_per_scene + step
+                if index in crossing:
+                    draw_occluder(frame, *crossing[index])
+                if label != written_label:
+                    bag.write_label(label_topic, label, stamp)
+                    written_label = label
+                bag.write_image(topic, frame, 'bgr8', stamp, 'camera')
+                bag.write_message(info_topic, 'sensor_msgs/msg/CameraInfo', stamp,
+                                  _camera_info(bag, stamp, height, width))
+                bar.update(1)
+        bar.close()
+    return path
+
+
+def draw_floor(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """
+    Draw a floor under coloured lights, ``height`` x ``width`` BGR, wrapping at its edges.
+
+    The light changes smoothly across the floor (red and blue with x, green and brightness
+    with y), and tiles, patches and marks of other shades lie on it, so neighbouring views
+    differ a little and distant ones a lot, the way a real floor looks from a moving robot.
+    """
+    rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
+    period = width / 2
+    light = np.empty((height, width, 3), np.float32)
+    light[..., 0] = 128 + 100 * np.cos(2 * np.pi * columns / period)
+    light[..., 1] = 128 + 100 * np.sin(2 * np.pi * rows / (height / 2))
+    light[..., 2] = 128 + 100 * np.sin(2 * np.pi * columns / period)
+    # Brightness in step with green's quarter-turn: distance along y reads both ways too.
+    light *= (1.0 + 0.3 * np.cos(2 * np.pi * rows / (height / 2)))[..., None]
+    shade = np.ones((height, width), np.float32)
+    for _ in range(int(height * width / 1500)):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        size = int(rng.integers(4, 16))
+        value = float(rng.uniform(0.75, 1.1))
+        if rng.random() < 0.5:
+            cv2.circle(shade, (x, y), size, value, -1)
+        else:
+            cv2.rectangle(shade, (x - size, y - size // 2), (x + size, y + size // 2), value, -1)
+    return np.clip(light * shade[..., None], 0, 255).astype(np.uint8)
+
+
+def _view(floor: np.ndarray, x: float, y: float, height: int, width: int) -> np.ndarray:
+    rows = (np.arange(height) + int(round(y))) % floor.shape[0]
+    columns = (np.arange(width) + int(round(x))) % floor.shape[1]
+    return floor[rows][:, columns]
+
+
+# How the floor moves in the image, per unit of speed: moving forward the floor flows down
+# the image (toward the camera); turning left it flows right, turning right it flows left.
+_FLOW = {'forward': (0.0, -1.0), 'turning_left': (-1.0, 0.0), 'turning_right': (1.0, 0.0),
+         'stopped': (0.0, 0.0)}
+
+
+def ego_motion_frames(seconds: float, *, rate_hz: float = 15.0, seed: int = 0,
+                      height: int = 96, width: int = 128,
+                      segment_s: tuple[float, float] = (2.0, 4.0)
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+    """
+    Yield (motion, frame) pairs of one drive: segments of one motion each, 2 to 4 s long.
+
+    The view moves 4 to 8% of the frame width per frame (at 15 Hz, a brisk turn), with a
+    little jitter; each frame has its own sensor noise. Deterministic by seed.
+    """
+    rng = np.random.default_rng(seed)
+    floor = draw_floor(rng, height * 4, width * 4)
+    x, y = rng.uniform(0, width * 4), rng.uniform(0, height * 4)
+    remaining = int(round(seconds * rate_hz))
+    while remaining > 0:
+        motion = MOTIONS[int(rng.integers(0, len(MOTIONS)))]
+        count = min(int(rng.uniform(*segment_s) * rate_hz), remaining)
+        speed = rng.uniform(0.04, 0.08) * width
+        flow_x, flow_y = _FLOW[motion]
+        for _ in range(count):
+            x += flow_x * speed + rng.normal(0, 0.3)
+            y += flow_y * speed + rng.normal(0, 0.3)
+            noisy = _view(floor, x, y, height, width) + rng.normal(0, 4, (height, width, 3))
+            yield motion, np.clip(noisy, 0, 255).astype(np.uint8)
+        remaining -= count
+
+
+def write_ego_motion_drive(path: str | Path, *, seconds: float, rate_hz: float = 15.0,
+                           seed: int = 0, height: int = 96, width: int = 128,
+                           topic: str = '/camera/image_raw', label_topic: str = '/scene_label',
+                           storage: str = 'sqlite3', progress: bool = True) -> Path:
+    """Record an ego-motion drive as a rosbag2: frames, motion labels (as scene labels)."""
+    from cnn_rnn_perception.tools.bags import BagWriter
+
+    start_ns, period_ns = 1_700_000_000 * 1_000_000_000, int(1e9 / rate_hz)
+    total = int(round(seconds * rate_hz))
+    path = Path(path)
+    with BagWriter(path, storage=storage) as bag:
+        written_label = None
+        frames = ego_motion_frames(seconds, rate_hz=rate_hz, seed=seed, height=height,
+                                   width=width)
+        for index, (motion, frame) in enumerate(tqdm(frames, total=total, leave=False,
+                                                     desc='synth ego-motion',
+                                                     disable=not progress)):
+            stamp = start_ns + index * period_ns
+            if motion != written_label:
+                bag.write_label(label_topic, motion, stamp)
+                written_label = motion
+            bag.write_image(topic, frame, 'bgr8', stamp, 'camera')
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the synth command's flags."""
+    parser.description = (
+        'Write OUTPUT/images/{train,val}/CLASS/*.png and OUTPUT/recording_N (rosbag2: '
+        '/camera/image_raw, /camera/camera_info and /scene_label) for the classes corridor, '
+        'open_space, doorway_left, doorway_right, junction and blocked. Deterministic by '
+        '--seed.')
+    parser.add_argument('output')
+    parser.add_argument('--train-per-class', type=int, default=200)
+    parser.add_argument('--val-per-class', type=int, default=40)
+    parser.add_argument('--recordings', type=int, default=1)
+    parser.add_argument('--drive', choices=('scenes', 'occluded', 'ego-motion'),
+                        default='scenes',
+                        help='what the recordings show: scenes (default); occluded: scenes '
+                             'with figures crossing close to the camera, the label unchanged; '
+                             'ego-motion: a floor seen while moving, labelled forward, '
+                             'turning_left, turning_right or stopped, which no single frame '
+                             'tells (recordings only)')
+    parser.add_argument('--scenes', type=int, default=12, help='scenes per recording')
+    parser.add_argument('--seconds-per-scene', type=float, default=2.0)
+    parser.add_argument('--seconds', type=float, default=60.0,
+                        help='length of each ego-motion recording (default: 60)')
+    options.add(parser, '--rate', default=15.0, help='recording frame rate in Hz (default: 15)')
+    parser.add_argument('--size', type=options.size, default=(320, 240), metavar='WxH')
+    parser.add_argument('--storage', choices=('sqlite3', 'mcap'), default='sqlite3')
+    options.add(parser, '--seed', '--no-progress')
+
+
+def main(args: argparse.Namespace) -> int:
+    """Draw the images and recordings."""
+    width, height = args.size
+    progress = not args.no_progress
+    if args.drive != 'ego-motion':
+        root = write_image_folder(f'{args.output}/images', train_per_class=args.train_per_class,
+                                  val_per_class=args.val_per_class, seed=args.seed,
+                                  height=height, width=width, progress=progress)
+        print(f'wrote {root}/train and {root}/val')
+    for index in range(args.recordings):
+        seed = args.seed + 7919 * (index + 1)
+        output = f'{args.output}/recording_{index}'
+        if args.drive == 'ego-motion':
+            path = write_ego_motion_drive(output, seconds=args.seconds, rate_hz=args.rate,
+                                          seed=seed, height=height, width=width,
+                                          storage=args.storage, progress=progress)
+        else:
+            path = write_recording(output, scenes=args.scenes, rate_hz=args.rate, seed=seed,
+                                   seconds_per_scene=args.seconds_per_scene, height=height,
+                                   width=width, storage=args.storage,
+                                   occluders=args.drive == 'occluded', progress=progress)
+        print(f'wrote {path}')
+    return 0
