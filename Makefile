@@ -11,7 +11,7 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 PYTEST_ARGS ?=
 # What a second distro must pass when `make test` runs both: everything that talks to rclpy.
-ROS_FACING_TESTS := test/test_node.py test/test_node_parts.py test/test_replay.py \
+ROS_FACING_TESTS := test/test_node.py test/test_node_parts.py test/test_layout.py test/test_replay.py \
 	test/test_demo.py test/test_flake8.py test/test_pep257.py
 
 ifeq ($(origin ROS_DISTRO),command line)

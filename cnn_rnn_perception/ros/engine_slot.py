@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from cnn_rnn_perception.core.engine import TorchEngine
+from cnn_rnn_perception.core.engine import EngineBase
 
 _LOG = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ _LOG = logging.getLogger(__name__)
 class LoadedModel:
     """An engine with the labels it publishes and the settings it was built from."""
 
-    engine: TorchEngine
+    engine: EngineBase
     labels: list[str]
     values: dict[str, Any] = field(default_factory=dict)
     compiled: bool = False

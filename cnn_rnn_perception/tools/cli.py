@@ -2,8 +2,9 @@
 The ``cnn_rnn_perception`` command: a table of subcommands, each a module of ``tools``.
 
 Each command module has ``add_arguments(parser)`` and ``main(args)``, its flags beside the
-code that reads them. Only the chosen command's module is imported, so ``--help`` is fast and
-needs no torch. User mistakes end in one line on stderr and exit code 2, never a traceback.
+code that reads them; every command also takes ``--config FILE.yaml`` as its defaults. Only
+the chosen command's module is imported, so ``--help`` is fast and needs no torch. User
+mistakes end in one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,26 +15,21 @@ import logging
 import sys
 from typing import Sequence
 
+from cnn_rnn_perception.tools import options
+
 # name: (module in cnn_rnn_perception.tools, one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    'demo': ('demo', 'the whole product: train on synthetic scenes, run the node, replay a '
-                     'bag'),
-    'classify': ('classify', 'classify a few generated camera frames and print labels and '
-                             'timings'),
+    'demo': ('demo', 'the whole product: train on synthetic scenes, run the node, replay a bag'),
+    'classify': ('classify', 'classify generated camera frames; print labels and timings'),
     'bench': ('bench', "time the engine against the seed's way of running the model"),
     'export': ('export', 'export a checkpoint to ONNX or OpenVINO IR for deployment runtimes'),
-    'selftest': ('selftest', 'check every engine path on this device against an fp32 '
-                             'reference'),
-    'bench-node': ('bench_node', 'end-to-end latency of the running node (camera to '
-                                 '~/scene)'),
-    'evaluate': ('evaluate', 'classify every frame of recorded bags and score against '
-                             'labels'),
-    'replay': ('replay', "publish a bag's image and label topics into ROS (like ros2 bag "
-                         'play)'),
+    'selftest': ('selftest', 'check every engine path on this device against fp32'),
+    'bench-node': ('bench_node', 'end-to-end latency of the running node (camera to ~/scene)'),
+    'evaluate': ('evaluate', 'classify every frame of recorded bags, score against labels'),
+    'replay': ('replay', "publish a bag's image and label topics into ROS (like ros2 bag play)"),
     'train': ('train', 'train a scene model from an image folder or labelled bags'),
     'synth': ('synth', 'draw synthetic navigation scenes as images and bags'),
-    'bench-order': ('bench_order', 'show that the recurrent head sees order where pooling '
-                                   'cannot'),
+    'bench-order': ('bench_order', 'show that the recurrent head sees order; pooling cannot'),
 }
 
 
@@ -56,6 +52,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         subparser = commands.add_parser(name, help=summary, description=summary)
         if name == command:
             command_module(name).add_arguments(subparser)
+            options.add(subparser, '--config')
             parser.chosen = subparser
     return parser
 
@@ -70,10 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _chosen(argv)
     parser = build_parser(command)
     try:
-        if command is not None and any(action.dest == 'config'
-                                       for action in parser.chosen._actions):
-            from cnn_rnn_perception.tools.options import apply_config
-            apply_config(parser.chosen, argv)
+        if command is not None:
+            options.apply_config(parser.chosen, argv)
     except (ValueError, FileNotFoundError) as error:
         print(f'cnn_rnn_perception {command}: error: {error}', file=sys.stderr)
         return 2

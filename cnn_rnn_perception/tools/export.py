@@ -19,6 +19,7 @@ from cnn_rnn_perception.core.engine.export_format import (
     check_exportable, export_onnx, export_openvino, FORMATS, PARITY_FP32)
 from cnn_rnn_perception.core.model import CnnRnnClassifier, load_checkpoint, Preprocessing
 from cnn_rnn_perception.core.sample_frames import selftest_frames
+from cnn_rnn_perception.tools import options
 
 
 @dataclass
@@ -78,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('checkpoint', metavar='CHECKPOINT')
     parser.add_argument('--format', required=True, choices=FORMATS,
                         help='onnx (ONNX Runtime, TensorRT) or openvino (IR: .xml and .bin)')
-    parser.add_argument('--output', required=True, metavar='PATH',
-                        help='model.onnx, or model.xml for openvino')
+    options.add(parser, '--output', required=True, metavar='PATH',
+                help='model.onnx, or model.xml for openvino')
 
 
 def main(args: argparse.Namespace) -> int:

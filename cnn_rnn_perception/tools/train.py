@@ -650,7 +650,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('data', nargs='?', help='an ImageFolder-style directory')
     parser.add_argument('--bags', nargs='+', metavar='BAG', help='train on recorded bags')
     options.add(parser, '--label-topic', help='std_msgs/String label topic of --bags')
-    options.add(parser, '--config')
     options.add(parser, '--output', default='runs/train', help='(default: runs/train)')
     parser.add_argument('--resume', action='store_true', help='continue from OUTPUT/last.pt')
     options.add(parser, '--epochs', default=default.epochs,
