@@ -34,15 +34,17 @@ SMALL_MODEL = ['-p', 'compile:=false', '-p', 'model.input_size:=[64,64]',
                '-p', 'model.hidden_size:=16', '-p', 'device:=cpu']
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = '') -> Any:
-    """Poll until ``predicate`` is truthy; fail the test with ``what`` on time-out."""
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0,
+             what: str | Callable[[], str] = '') -> Any:
+    """Poll until ``predicate`` is truthy; on time-out fail, saying ``what`` (or its result)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = predicate()
         if result:
             return result
         time.sleep(0.05)
-    raise AssertionError(f'timed out after {timeout_s} s waiting for {what}')
+    raise AssertionError(f'timed out after {timeout_s} s waiting for '
+                         f'{what() if callable(what) else what}')
 
 
 class NodeProcess:

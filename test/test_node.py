@@ -85,8 +85,10 @@ def test_every_frame_is_classified_with_its_source_header(tmp_path, harness):
                     stamp_s = message.header.stamp.sec + message.header.stamp.nanosec * 1e-9
                     sent[topic].append((round(stamp_s, 6), message.header.frame_id))
                 for topic in topics:
+                    # On a time-out, say what the node counted and logged for this camera.
                     wait_for(lambda: len(harness.scenes_for(topic)) > first_scene[topic] + index,
-                             20, f'round {index} on {topic}')
+                             20, lambda: f'round {index} on {topic}: counts '
+                                         f'{harness.counts(topic)}; node log:\n{node.log()}')
         for topic in topics:
             scenes = harness.scenes_for(topic)[first_scene[topic]:]
             assert len(scenes) == 8
