@@ -173,3 +173,8 @@ def test_a_config_file_sets_defaults_and_flags_still_win(tmp_path, command):
         with pytest.raises(ValueError, match=r"unknown keys \['epochs'\]"):
             options.apply_config(cli.build_parser('bench').chosen,
                                  ['bench', '--config', str(settings)])
+
+
+def test_tools_find_the_dds_profile_of_a_source_checkout():
+    from cnn_rnn_perception.tools.ros_env import dds_profile
+    assert dds_profile() == str(PACKAGE.parent / 'config' / 'fastdds_shm.xml')

@@ -21,8 +21,8 @@ PROFILE_VARIABLES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES
 
 def dds_profile() -> str | None:
     """Return config/fastdds_shm.xml from a source checkout, a pip or a colcon install."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.path.join(os.path.dirname(here), 'config', 'fastdds_shm.xml'),
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    candidates = [os.path.join(checkout, 'config', 'fastdds_shm.xml'),
                   os.path.join(sys.prefix, 'share', 'cnn_rnn_perception', 'config',
                                'fastdds_shm.xml')]
     try:
