@@ -10,9 +10,13 @@
 SHELL := /bin/bash
 PYTHON ?= python3.11
 PYTEST_ARGS ?=
+# Upstream sources of what has no PyPI wheel (vision_msgs, the launch system, the ros2 command
+# line), built into each venv by make setup. Point it at your own checkouts (same layout as
+# shared/ros-sources/README.md); where it does not exist the tests that need them skip.
+ROS_SOURCES ?= ../shared/ros-sources
 # What a second distro must pass when `make test` runs both: everything that talks to rclpy.
 ROS_FACING_TESTS := test/test_node.py test/test_node_parts.py test/test_layout.py test/test_replay.py \
-	test/test_demo.py test/test_flake8.py test/test_pep257.py
+	test/test_ros2_tools.py test/test_demo.py test/test_flake8.py test/test_pep257.py
 
 ifeq ($(origin ROS_DISTRO),command line)
 DISTROS := $(ROS_DISTRO)
@@ -25,6 +29,10 @@ $(error ROS_DISTRO=$(ROS_DISTRO): only kilted and jazzy have PyPI wheels; on a r
 endif
 
 venv_of = $(if $(filter jazzy,$(1)),.venv-jazzy,.venv)
+distro_of = $(if $(filter .venv-jazzy,$(1)),jazzy,kilted)
+# Cached: a no-op (a fraction of a second) once built from the same sources.
+ros_tools = $(1)/bin/python -m cnn_rnn_perception.tools.ros_from_source --distro $(call distro_of,$(1)) \
+	--sources $(ROS_SOURCES)
 requirements_of = $(if $(filter jazzy,$(1)),requirements-jazzy.txt,requirements.txt)
 VENV := $(call venv_of,$(ROS_DISTRO))
 BIN := $(VENV)/bin
@@ -33,6 +41,7 @@ BIN := $(VENV)/bin
 	$(addprefix test-,kilted jazzy)
 
 setup: $(VENV)/.installed
+	@$(call ros_tools,$(VENV))
 
 # One rule per distro's environment.
 .venv/.installed .venv-jazzy/.installed: %/.installed: requirements.txt requirements-jazzy.txt \
@@ -57,10 +66,12 @@ demo-temporal: setup
 test: $(addprefix test-,$(DISTROS))
 
 test-kilted: .venv/.installed
+	@$(call ros_tools,.venv)
 	@echo "== ROS 2 Kilted: the whole suite =="
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 test-jazzy: .venv-jazzy/.installed
+	@$(call ros_tools,.venv-jazzy)
 	@echo "== ROS 2 Jazzy: $(if $(filter kilted,$(DISTROS)),the ROS-facing tests,the whole suite) =="
 	.venv-jazzy/bin/python -m pytest $(if $(filter kilted,$(DISTROS)),$(ROS_FACING_TESTS)) $(PYTEST_ARGS)
 

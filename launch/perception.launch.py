@@ -2,12 +2,13 @@
 Launch the perception node with config/perception.yaml and the large-message DDS profile.
 
 For example: ros2 launch cnn_rnn_perception perception.launch.py namespace:=robot1
-image_topics:="['/front/image_raw', '/rear/image_raw/compressed']" device:=cuda
+image_topics:="['/front/image_raw', '/rear/image_raw/compressed']" device:=cuda autostart:=false
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
+from cnn_rnn_perception.ros.dds import profile_variables
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
@@ -27,6 +28,8 @@ def _node(context, *args, **kwargs):
     for name, parameter in (('device', 'device'), ('checkpoint', 'model.checkpoint')):
         if value(name):
             overrides[parameter] = value(name)
+    if value('autostart'):
+        overrides['autostart'] = value('autostart').lower() == 'true'
     return [Node(
         package=PACKAGE, executable='perception_node', name='cnn_rnn_perception',
         namespace=value('namespace'), output='screen',
@@ -52,6 +55,10 @@ def generate_launch_description():
         DeclareLaunchArgument('checkpoint', default_value='',
                               description='Model checkpoint file; empty keeps the params file '
                                           'value'),
+        DeclareLaunchArgument('autostart', default_value='',
+                              description='true: the node configures and activates itself; '
+                                          'false: a lifecycle manager (or ros2 lifecycle set) '
+                                          'drives it; empty keeps the params file value'),
         DeclareLaunchArgument('log_level', default_value='info',
                               description='debug, info, warn, error or fatal'),
         DeclareLaunchArgument(
@@ -59,9 +66,7 @@ def generate_launch_description():
             description='Fast DDS profile with a 16 MB shared-memory segment, so best-effort '
                         'camera frames arrive; load the same file in the camera driver'),
         # Fast DDS 3 (Kilted) reads the first name, Fast DDS 2 (Humble, Jazzy) the second.
-        SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE',
-                               LaunchConfiguration('dds_profile')),
-        SetEnvironmentVariable('FASTRTPS_DEFAULT_PROFILES_FILE',
-                               LaunchConfiguration('dds_profile')),
+        *[SetEnvironmentVariable(name, LaunchConfiguration('dds_profile'))
+          for name in profile_variables()],
         OpaqueFunction(function=_node),
     ])

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import queue
+import signal
 import threading
 import time
 from typing import Any, Callable
@@ -39,10 +40,12 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.clock import Clock, ClockType
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -278,13 +281,18 @@ class PerceptionNode(LifecycleNode):
         self._outputs = {}
 
     def destroy_node(self) -> None:
-        """Stop the worker and any engine build before the node's handles go."""
+        """Stop the worker and any engine build, say so in /diagnostics, then go."""
         self._stop_inference()
         # A build thread still inside torch when the interpreter exits aborts the process
         # ("terminate called without an active exception"): let it finish; its engine is
         # thrown away. An eager build takes about a second; a compile can take longer.
         if not self._slot.wait_idle(timeout_s=60.0):
             self.get_logger().error('an engine build did not finish within 60 s of shutdown')
+        self._state = 'finalized'
+        if self.context.ok():  # the last word, for whoever watches /diagnostics
+            self._publish_diagnostics()
+            # The process ends right after: give reliable readers a moment to have it.
+            self._diagnostics_pub.wait_for_all_acked(Duration(seconds=1.0))
         super().destroy_node()
 
     # -- engines: built off the executor, adopted on it --------------------------------------
@@ -602,16 +610,40 @@ class PerceptionNode(LifecycleNode):
         self._diagnostics_pub.publish(array)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_on_signals() -> threading.Event:
+    """
+    Return an event that SIGINT and SIGTERM set, however often they come.
+
+    rclpy's own handlers shut the context down at the first signal, before the node could
+    publish its last diagnostics, and a second Ctrl-C (the terminal's and the one ``ros2
+    launch`` forwards arrive together) raised KeyboardInterrupt in the middle of
+    ``destroy_node``. Here a signal only asks the spin loop to stop.
+    """
+    stop = threading.Event()
+    for number in STOP_SIGNALS:
+        signal.signal(number, lambda *_: stop.set())
+    return stop
+
+
 def main(args: list[str] | None = None) -> None:
-    """Run the node until shut down: init, executor, spin, shutdown."""
-    rclpy.init(args=args)
+    """Run the node until Ctrl-C or SIGTERM: init, executor, spin, shutdown."""
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = _stop_on_signals()
     node = PerceptionNode()
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
+    except ExternalShutdownException:
         pass
     finally:
+        # From here on a signal could only cut the shutdown short; and while the interpreter
+        # exits, Python puts back the default (fatal) handlers of those it caught: ignore them.
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
         node.destroy_node()
         rclpy.try_shutdown()

@@ -13,10 +13,7 @@ import subprocess
 import sys
 import threading
 
-
-# Fast DDS 3 (Kilted) reads the first; Fast DDS 2 (Humble, Jazzy) reads only the second. With
-# one of them alone, Jazzy ran without the 16 MB segment and lost 307 KB best-effort frames.
-PROFILE_VARIABLES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+from cnn_rnn_perception.ros.dds import profile_variables
 
 
 def dds_profile() -> str | None:
@@ -45,7 +42,7 @@ def use_loopback_dds(domain_id: int | None = None) -> int:
     # Large camera frames need the 16 MB shared-memory segment (see config/fastdds_shm.xml).
     profile = dds_profile()
     if profile:
-        for name in PROFILE_VARIABLES:
+        for name in profile_variables():
             os.environ.setdefault(name, profile)
     return domain_id
 
