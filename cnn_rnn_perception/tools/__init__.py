@@ -5,9 +5,11 @@ The ``cnn_rnn_perception`` command and its subcommands, one module each.
 module (``train``, ``evaluate``, ``replay``, ``export``, ``bench``, ``bench_node``,
 ``bench_order``, ``selftest``, ``classify``, ``synth``, ``demo``) has ``add_arguments`` and
 ``main`` beside the code they drive. ``bags``, ``clips``, ``report``, ``ros_env`` and
-``temporal_demo`` serve them. Imports the core and ``ros``; nothing imports ``tools``.
+``temporal_demo`` serve them; ``gpu_check`` and ``ros_from_source`` prepare environments (the
+GPU machine; the ROS tools built from source). Imports the core and ``ros``; nothing imports
+``tools``.
 """
 
 __all__ = ['bags', 'bench', 'bench_node', 'bench_order', 'classify', 'cli', 'clips', 'demo',
            'evaluate', 'export', 'gpu_check', 'options', 'replay', 'report', 'ros_env',
-           'selftest', 'synth', 'temporal_demo', 'train']
+           'ros_from_source', 'selftest', 'synth', 'temporal_demo', 'train']
