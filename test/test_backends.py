@@ -134,3 +134,26 @@ def test_export_and_bench_backends_from_the_command_line(checkpoint, tmp_path):
     assert [row['path'].split()[0] for row in rows] == ['seed', 'torch', 'onnxruntime',
                                                         'openvino']
     assert all(row['max_abs_diff'] <= 1e-4 for row in rows)
+
+
+def test_auto_closes_every_engine_it_built_when_a_measurement_fails(checkpoint, monkeypatch):
+    from cnn_rnn_perception.core.engine import factory
+    built, closed = [], []
+    create = factory.create_engine
+
+    def recording_create(*args, **kwargs):
+        engine = create(*args, **kwargs)
+        close = engine.close
+        engine.close = lambda: (closed.append(engine), close())[1]
+        built.append(engine)
+        return engine
+
+    def failing_timing(task):
+        raise RuntimeError('the inference worker stopped')
+
+    monkeypatch.setattr(factory, 'create_engine', recording_create)
+    with pytest.raises(RuntimeError, match='worker stopped'):
+        choose_backend(checkpoint, EngineSettings(device='cpu', backend='auto',
+                                                  compile_trunk=False),
+                       run_timing=failing_timing)
+    assert len(built) >= 3 and all(engine in closed for engine in built)

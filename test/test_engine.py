@@ -462,3 +462,40 @@ def test_an_engine_on_the_second_gpu_runs_there():
     got = np.stack([r.probabilities for r in gpu.infer(frames)])
     assert torch.cuda.current_device() == 0
     assert relative_error(centred_log(got), centred_log(reference_probabilities(frames))) < 2e-3
+
+
+def test_a_failed_batch_leaves_no_other_cameras_state_behind(monkeypatch):
+    frames = camera_frames(4)
+    # One state row: camera b takes camera a's row. Its first pass fails (a recoverable CUDA
+    # out-of-memory, say), so that row still holds a's state when b's next frame reads it.
+    tested = temporal_engine(replace(EAGER_CPU, max_streams=1))
+    stream_of(tested, frames[:3], stream='a')
+    working = tested._probabilities
+    monkeypatch.setattr(tested, '_probabilities', lambda *args: (_ for _ in ()).throw(
+        RuntimeError('the device failed this batch')))
+    with pytest.raises(RuntimeError, match='failed this batch'):
+        tested.infer([frames[3]], streams=['b'], stamps=[0.0])
+    monkeypatch.setattr(tested, '_probabilities', working)
+    after_failure = tested.infer([frames[3]], streams=['b'], stamps=[0.1])[0].probabilities
+    fresh = temporal_engine(replace(EAGER_CPU, max_streams=1))
+    np.testing.assert_allclose(after_failure,
+                               fresh.infer([frames[3]], streams=['b'], stamps=[0.1])[0]
+                               .probabilities, atol=1e-6)
+
+
+def test_more_cameras_in_one_call_than_state_rows_never_share_a_row():
+    frames = camera_frames(3)
+    tested = temporal_engine(replace(EAGER_CPU, max_streams=2))
+    with pytest.raises(ValueError, match='state table has 2 rows'):
+        tested.streams.admit(['a', 'b', 'c'], [0.0, 0.0, 0.0])
+    first = tested.infer(frames, streams=['a', 'b', 'c'], stamps=[0.0] * 3)
+    second = tested.infer(frames, streams=['a', 'b', 'c'], stamps=[0.1] * 3)
+    # Each stream's second frame is its own continuation or a fresh start, never another's.
+    for index, stream in enumerate('abc'):
+        alone = temporal_engine()
+        own = stream_of(alone, [frames[index]] * 2, stream=stream)
+        assert (np.allclose(second[index].probabilities, own[1], atol=1e-5)
+                or np.allclose(second[index].probabilities, first[index].probabilities,
+                               atol=1e-5)), stream
+    slots = [status.slot for status in tested.streams.status().values()]
+    assert len(slots) == len(set(slots)) == 2

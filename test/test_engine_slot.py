@@ -107,3 +107,67 @@ def test_a_timing_task_runs_in_the_worker_thread_or_here_when_no_worker_serves()
     stop.set()
     thread.join()
     assert slot.on_worker(lambda: 'served here') == 'served here'
+
+
+def test_release_does_not_wait_for_a_stuck_batch_and_the_batch_closes_the_engine():
+    events = []
+    slot, ready, _ = ready_slot(events)
+    slot.build({'name': 'a'}, compiled=False)
+    assert ready.wait(10)
+    stuck, entered = threading.Event(), threading.Event()
+
+    def batch():
+        with slot.borrow():
+            entered.set()
+            stuck.wait(30)  # a batch that hangs, past the node's 5 s join
+
+    worker = threading.Thread(target=batch, daemon=True)
+    worker.start()
+    assert entered.wait(5)
+    model = slot.current
+    released = threading.Thread(target=slot.release, kwargs={'timeout_s': 0.5}, daemon=True)
+    started = time.monotonic()
+    released.start()
+    released.join(5)
+    assert not released.is_alive() and time.monotonic() - started < 3, 'release hung'
+    assert slot.current is None and hasattr(model.engine, '_model')  # still in use
+    stuck.set()
+    worker.join(5)
+    assert not hasattr(model.engine, '_model'), 'the abandoned engine was never closed'
+
+
+def test_the_compiled_engine_of_the_same_build_keeps_each_cameras_temporal_state():
+    temporal = ModelConfig(input_size=(64, 64), hidden_size=8, num_classes=3, temporal='gru',
+                           temporal_hidden_size=8)
+    proceed = threading.Event()
+
+    def build(values, compiled):
+        if compiled:  # the compiled stage starts once the eager engine has seen frames
+            proceed.wait(30)
+        engine = TorchEngine.from_config(
+            temporal, settings=EngineSettings(device='cpu', compile_trunk=False,
+                                              warmup_iterations=1))
+        return LoadedModel(engine, engine.labels, values, compiled)
+
+    swapped = threading.Event()
+    slot = EngineSlot(build, on_ready=lambda model: model.compiled and swapped.set())
+    slot.build({'name': 'a'}, compiled=True)
+    wait = time.monotonic() + 30
+    while slot.current is None and time.monotonic() < wait:
+        time.sleep(0.01)
+    frames = [np.full((48, 64, 3), 40 * index, np.uint8) for index in range(4)]
+    got = []
+    for index, frame in enumerate(frames):
+        if index == 2:  # the compiled engine takes over between the camera's frames
+            proceed.set()
+            assert swapped.wait(30)
+        with slot.borrow() as model:
+            got.append(model.engine.infer([frame], streams=['cam'], stamps=[0.1 * index])[0])
+    reference = TorchEngine.from_config(temporal, settings=EngineSettings(
+        device='cpu', compile_trunk=False, warmup_iterations=1))
+    want = [reference.infer([frame], streams=['cam'], stamps=[0.1 * index])[0]
+            for index, frame in enumerate(frames)]
+    np.testing.assert_allclose([r.probabilities for r in got],
+                               [r.probabilities for r in want], atol=1e-5)
+    with slot.borrow() as model:
+        assert model.compiled and model.engine.stream_status()['cam'].frames == 4

@@ -575,3 +575,75 @@ def test_a_temporal_model_carries_each_cameras_state_and_resets_it_by_the_rules(
         assert counts['rejected'] == 0
     finally:
         assert node.stop() == 0, node.log()
+
+
+def _engine(harness, topic: str = '/camera/image_raw') -> tuple[str, str]:
+    status = harness.camera_status(topic) or {}
+    return status.get('engine', ''), status.get('model', '')
+
+
+def _compiled_and_settled(harness) -> bool:
+    engine, model = _engine(harness)
+    return engine == 'ready' and 'compiled' in model
+
+
+def test_a_live_value_set_during_a_build_is_what_runs_after_it(tmp_path, harness):
+    node = NodeProcess(tmp_path, '-p', 'compile:=true', '-p', 'model.input_size:=[64,64]',
+                       '-p', 'model.hidden_size:=16', '-p', 'device:=cpu')
+    streaming = threading.Event()
+
+    def stream(camera):  # frames keep coming, so the worker applies the live value at once
+        index = 0
+        while not streaming.wait(0.1):
+            camera.publish(image_message(pixels(), 'rgb8', 100 + 0.1 * index, 'cam'))
+            index += 1
+
+    try:
+        camera = harness.camera('/camera/image_raw')
+        harness.wait_subscribed(camera)
+        threading.Thread(target=stream, args=(camera,), daemon=True).start()
+        for hidden_size in (12, 20, 16):  # each reload is another build to set it during
+            wait_for(lambda: _engine(harness)[0] == 'compiling', 60, 'a compiled build')
+            assert harness.set_parameter('score_threshold', 0.99).successful
+            if _engine(harness)[0] == 'compiling':
+                break  # set while the build ran
+            assert harness.set_parameter('model.hidden_size', hidden_size).successful
+        else:
+            pytest.fail('every build finished before the parameter could be set')
+        wait_for(lambda: _compiled_and_settled(harness), 120, 'the compiled engine')
+        assert harness.get_parameter('score_threshold') == 0.99
+        count = len(harness.scenes_for('/camera/image_raw'))
+        scenes = wait_for(lambda: harness.scenes_for('/camera/image_raw')[count + 5:], 20,
+                          'scenes after the build')
+        # A random 6-class model scores far below 0.99: nothing may be published over it.
+        assert all(entry['score'] >= 0.99 for scene in scenes for entry in scene['top_k'])
+    finally:
+        streaming.set()
+        assert node.stop() == 0, node.log()
+
+
+def test_a_reload_set_back_or_deactivated_during_its_build_runs_what_the_parameters_say(
+        tmp_path, harness):
+    node = NodeProcess(tmp_path, '-p', 'compile:=true', '-p', 'model.input_size:=[64,64]',
+                       '-p', 'model.hidden_size:=16', '-p', 'device:=cpu')
+    try:
+        camera = harness.camera('/camera/image_raw')
+        harness.wait_subscribed(camera)
+        wait_for(lambda: _compiled_and_settled(harness), 120, 'the first compiled engine')
+        # A -> B -> A while B builds: A runs, as the parameter says.
+        assert harness.set_parameter('model.hidden_size', 24).successful
+        assert harness.set_parameter('model.hidden_size', 16).successful
+        time.sleep(2.0)  # B's build had time to finish, if it was going to be used
+        wait_for(lambda: _compiled_and_settled(harness), 120, 'the engine after A -> B -> A')
+        assert harness.get_parameter('model.hidden_size') == 16
+        assert 'lstm(16)' in _engine(harness)[1], _engine(harness)
+        # B, then deactivate while it builds, then activate: B runs.
+        assert harness.set_parameter('model.hidden_size', 24).successful
+        assert harness.change_state(Transition.TRANSITION_DEACTIVATE)
+        assert harness.lifecycle_state() == 'inactive'
+        assert harness.change_state(Transition.TRANSITION_ACTIVATE)
+        wait_for(lambda: _compiled_and_settled(harness) and 'lstm(24)' in _engine(harness)[1],
+                 120, lambda: f'the engine of hidden_size 24 after activate: {_engine(harness)}')
+        assert harness.get_parameter('model.hidden_size') == 24
+    finally:
+        assert node.stop() == 0, node.log()

@@ -13,6 +13,8 @@ No ROS here: the node drives it, and the tests drive it directly.
 from __future__ import annotations
 
 from concurrent.futures import Future
+# Not the builtin TimeoutError before Python 3.11 (Humble's Python is 3.10).
+from concurrent.futures import TimeoutError as FutureTimeout
 import contextlib
 from dataclasses import dataclass, field
 import logging
@@ -67,6 +69,7 @@ class EngineSlot:
         self._status = 'empty'
         self._builders: list[threading.Thread] = []
         self._tasks: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._abandoned: list[LoadedModel] = []  # released while a stuck batch still used them
         self.worker_serves = False  # set by the worker that calls serve_tasks
 
     # -- for the inference worker --------------------------------------------------------------
@@ -75,7 +78,12 @@ class EngineSlot:
     def borrow(self) -> Iterator[LoadedModel | None]:
         """Yield the current model (or None) and keep it from being swapped out meanwhile."""
         with self._use_lock:
-            yield self._current
+            model = self._current
+            try:
+                yield model
+            finally:
+                # Released while this batch was stuck in it: the batch closes what it used.
+                self._close_abandoned()
 
     def serve_tasks(self) -> None:
         """Run what builders asked the worker thread to run (called between batches)."""
@@ -106,7 +114,7 @@ class EngineSlot:
                 self.serve_tasks()
             try:
                 return future.result(timeout=0.1)
-            except TimeoutError:
+            except FutureTimeout:
                 continue
         return future.result()
 
@@ -134,15 +142,44 @@ class EngineSlot:
             self._builders = [t for t in self._builders if t.is_alive()] + [thread]
         thread.start()
 
-    def release(self) -> None:
-        """Drop the current engine (freeing its device memory) and abandon builds under way."""
+    def release(self, timeout_s: float | None = None) -> None:
+        """
+        Drop the current engine (freeing its device memory) and abandon builds under way.
+
+        A batch stuck in the engine for longer than ``timeout_s`` does not hold this up (a
+        deactivate must answer): the engine is dropped at once and closed by that batch
+        when it returns.
+        """
         with self._state_lock:
             self._generation += 1
             self._status = 'empty'
-        with self._use_lock:
+        if not self._use_lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            with self._state_lock:
+                old, self._current = self._current, None
+                if old is not None:
+                    self._abandoned.append(old)
+            _LOG.error('an inference batch is stuck in the engine; it is released without '
+                       'waiting and closed when that batch returns')
+            # The batch may have returned meanwhile, before the engine was on the list.
+            if self._use_lock.acquire(blocking=False):
+                try:
+                    self._close_abandoned()
+                finally:
+                    self._use_lock.release()
+            return
+        try:
             old, self._current = self._current, None
+        finally:
+            self._use_lock.release()
         if old is not None:
             old.close()
+
+    def _close_abandoned(self) -> None:
+        """Close released engines; called with the use lock held, so no batch is in one."""
+        with self._state_lock:
+            abandoned, self._abandoned = self._abandoned, []
+        for model in abandoned:
+            model.close()
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait for builds under way to end (tests, shutdown); return False on time-out."""
@@ -197,6 +234,11 @@ class EngineSlot:
                     stale = False
                     old, self._current = self._current, model
                     self._status = 'ready'
+                    # The compiled engine of the same build replaces the eager one: the
+                    # cameras keep their temporal memory (no batch runs while we hold the lock).
+                    if (old is not None and model.compiled and old.values == model.values
+                            and hasattr(model.engine, 'carry_state_from')):
+                        model.engine.carry_state_from(old.engine)
         if stale:
             model.close()
             return False

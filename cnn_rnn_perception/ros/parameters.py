@@ -226,11 +226,17 @@ def model_parameters(config: ModelConfig) -> dict[str, Any]:
 
 def engine_settings(values: dict[str, Any], camera_count: int, *,
                     compiled: bool) -> EngineSettings:
-    """Build the engine settings from parameters: one batch holds one frame per camera."""
+    """
+    Build the engine settings from parameters: one batch holds one frame per camera.
+
+    A temporal model keeps a state row for every camera, so the table never has fewer rows
+    than the node has cameras (a batch never needs to split, and no camera evicts another).
+    """
     return EngineSettings(device=values['device'], precision=values['precision'],
                           compile_trunk=compiled, max_batch=max(camera_count, 1),
                           backend=values['backend'],
-                          reset_after_s=values['temporal.reset_after_s'])
+                          reset_after_s=values['temporal.reset_after_s'],
+                          max_streams=max(EngineSettings.max_streams, camera_count))
 
 
 def choose_labels(checkpoint_labels: list[str], parameter_labels: list[str]) -> list[str]:

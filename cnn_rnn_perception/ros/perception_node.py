@@ -107,6 +107,9 @@ class PerceptionNode(LifecycleNode):
                                    '~/label_info are off; ~/scene carries every result')
         self._state = 'unconfigured'
         self._values: dict[str, Any] = {}
+        # The parameters of the engine built last (running, or still being built): a reload
+        # parameter set back while its build runs differs from these, not from what runs.
+        self._target: dict[str, Any] = {}
         self._labels: list[str] = []
         self._stats: dict[str, CameraStats] = {}
         self._subscriptions_: list = []
@@ -161,7 +164,7 @@ class PerceptionNode(LifecycleNode):
         reason = validate(changes, self._parameter_values())
         if reason:
             return SetParametersResult(successful=False, reason=reason)
-        reload = needs_reload(changes, self._values) if self._values else []
+        reload = needs_reload(changes, self._target) if self._target else []
         if reload and self._state in ('inactive', 'active'):
             self.get_logger().info(f'{", ".join(reload)} changed: {RELOAD_HINT}')
             self._post(self._apply_reload)
@@ -179,8 +182,9 @@ class PerceptionNode(LifecycleNode):
     def _apply_reload(self) -> None:
         """Take the stored reload parameters: a new engine while active, else at activate."""
         values = self._parameter_values()
-        if not needs_reload(values, self._values):
+        if not needs_reload(values, self._target):
             return
+        self._target = values
         if self._state == 'active':
             self._slot.build(values, compiled=compiles(values))
         elif self._state == 'inactive':
@@ -188,7 +192,8 @@ class PerceptionNode(LifecycleNode):
 
     def _adopt_values(self, values: dict[str, Any]) -> None:
         """Make ``values`` the configuration: labels, cameras and subscriptions follow."""
-        self._values = {**self._values, **values}
+        with self._live_lock:  # the worker merges live changes into the same dict
+            self._values = {**self._values, **values}
         self._labels = self._labels_for(self._values)
         for topic in self._values['image_topics']:
             self._stats.setdefault(topic, CameraStats(topic))
@@ -223,6 +228,7 @@ class PerceptionNode(LifecycleNode):
         self._create_outputs()
         self._state = 'inactive'
         self._adopt_values(values)
+        self._target = values
         self.get_logger().info(f'configured: {len(self._labels)} classes, cameras '
                                f'{values["image_topics"]}')
         return SUCCESS
@@ -230,8 +236,12 @@ class PerceptionNode(LifecycleNode):
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         """Start building the engine and the worker; cameras are subscribed once it serves."""
         # Subscribing only when an engine is in service means a camera's first frames are
-        # classified, not overwritten while the model loads.
-        self._slot.build(self._values, compiled=compiles(self._values))
+        # classified, not overwritten while the model loads. The parameters as they are now:
+        # a reload whose build a deactivate abandoned is built here.
+        values = self._parameter_values()
+        self._adopt_values(values)
+        self._target = values
+        self._slot.build(values, compiled=compiles(values))
         self._state = 'active'
         self._start_worker()
         result = super().on_activate(state)  # activates the output publishers
@@ -250,6 +260,7 @@ class PerceptionNode(LifecycleNode):
         self._destroy_outputs()
         self._stats = {}
         self._values = {}
+        self._target = {}
         self._state = 'unconfigured'
         return SUCCESS
 
@@ -334,7 +345,10 @@ class PerceptionNode(LifecycleNode):
         if not model.compiled:
             self._smoother.reset()  # probabilities of another model are no history for this
         self._problem = None
-        self._adopt_values(model.values)
+        # Only what needs an engine: live values set during the build are newer than the
+        # build's snapshot of them, and stay.
+        self._adopt_values({name: value for name, value in model.values.items()
+                            if name in SPECS and not SPECS[name].live})
         choice = getattr(model.engine, 'backend_choice', None)
         self.get_logger().info(f'classifying with {model.engine.describe()}'
                                + (f' ({choice.summary()})' if choice is not None else ''))
@@ -351,7 +365,8 @@ class PerceptionNode(LifecycleNode):
             f'reload failed ({error}); still classifying with {running.engine.describe()}; '
             f'{", ".join(changed)} set back to the running values')
         # Set back what the running engine was built from; the on-set callback sees values
-        # equal to the running ones and schedules nothing.
+        # equal to the target and schedules nothing.
+        self._target = dict(running.values)
         self.set_parameters([Parameter(name, value=running.values[name]) for name in changed])
 
     # -- subscriptions -----------------------------------------------------------------------
@@ -433,7 +448,8 @@ class PerceptionNode(LifecycleNode):
                                         'batch is stuck); it is abandoned')
             self._worker = None
         self._busy_since = None
-        self._slot.release()
+        # A batch stuck past the join above must not hang the lifecycle services here.
+        self._slot.release(timeout_s=1.0)
 
     def _supervise(self) -> None:
         """Restart a worker that died; runs with diagnostics, on the executor."""
@@ -484,8 +500,9 @@ class PerceptionNode(LifecycleNode):
     def _apply_live_changes(self) -> None:
         with self._live_lock:
             changes, self._live_changes = self._live_changes, {}
+            if changes:
+                self._values = {**self._values, **changes}
         if changes:
-            self._values = {**self._values, **changes}
             self._smoother.configure(self._values['smoothing'],
                                      self._values['smoothing_reset_s'])
 

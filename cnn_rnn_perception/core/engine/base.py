@@ -254,11 +254,18 @@ class EngineBase(abc.ABC):
         return results
 
     def _chunks(self, streams: list[Hashable]) -> list[range]:
-        """Split frames into forward passes of at most max_batch, a stream at most once each."""
+        """
+        Split frames into forward passes of at most max_batch, a stream at most once each.
+
+        A temporal model's pass also holds at most as many streams as its state table has
+        rows: more would make one stream's row the row of another in the same pass.
+        """
         chunks, start, seen = [], 0, set()
         for index, stream in enumerate(streams):
             repeated = self.temporal and stream is not None and stream in seen
-            if index - start == self.settings.max_batch or repeated:
+            full = self.temporal and len(seen - {None}) == self.streams.capacity \
+                and stream is not None
+            if index - start == self.settings.max_batch or repeated or full:
                 chunks.append(range(start, index))
                 start, seen = index, set()
             seen.add(stream)
@@ -277,7 +284,13 @@ class EngineBase(abc.ABC):
         try:
             with self._device():
                 probabilities, upload_done = self._probabilities(frames, orders, slots, fresh)
-        except torch.cuda.OutOfMemoryError as error:
+        except BaseException as error:
+            if self.temporal:
+                # The pass wrote no state, so a row handed to a fresh stream still holds its
+                # previous owner's: those streams (and the rest of the batch) start afresh.
+                self.streams.forget(*[stream for stream in streams if stream is not None])
+            if not isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
             self._out_of_memory(len(frames))
             raise RuntimeError(
                 f'CUDA out of memory at batch size {len(frames)} '

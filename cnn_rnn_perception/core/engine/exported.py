@@ -71,7 +71,8 @@ class ExportedEngine(EngineBase):
     def describe(self) -> str:
         """Return a one-line summary for logs and diagnostics."""
         config = self.config
-        words = [self.backend, config.backbone, config.sequence, config.rnn]
+        words = [self.backend, config.backbone, config.sequence,
+                 f'{config.rnn}({config.hidden_size})']
         words += ['bidirectional'] if config.bidirectional else []
         words += [config.pooling, f'{config.input_size[0]}x{config.input_size[1]}',
                   f'on {self.target}', 'fp32']

@@ -167,51 +167,56 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
             reference = [r.probabilities for r in torch_fp32.infer(frames[:2])]
     choice = BackendChoice(chosen='')
     engines: dict[str, EngineBase] = {}
-    for name in candidates:
-        try:
-            engine = create_engine(source, replace(settings, backend=name, precision=precision
-                                                   if name == 'torch' else 'fp32'),
-                                   config=config, labels=labels, seed=seed)
-        except Exception as error:  # a backend that cannot load is reported, not fatal
-            choice.failed[name] = str(error)
-            continue
-        engines[name] = engine
-        engine.infer(frames[:1])  # the first call of a new frame shape
-        if reference is not None:
-            got = [r.probabilities for r in engine.infer(frames[:2])]
-            choice.max_abs_diff[name] = max(float(np.abs(a - b).max())
-                                            for a, b in zip(got, reference))
-    # Rounds alternate between the backends: in a node, the engine being replaced keeps
-    # classifying meanwhile, and measured one after another each backend met other load (one
-    # measured 9.7 ms that way ran at 18 ms). Interleaved, the load falls on all alike.
+    # Whatever fails from here on (a build, a timing or agreement call, no agreement), the
+    # engines built so far are closed: each holds a model and a runtime's threads.
+    try:
+        for name in candidates:
+            try:
+                engine = create_engine(source, replace(settings, backend=name, precision=precision
+                                                       if name == 'torch' else 'fp32'),
+                                       config=config, labels=labels, seed=seed)
+            except Exception as error:  # a backend that cannot load is reported, not fatal
+                choice.failed[name] = str(error)
+                continue
+            engines[name] = engine
+            engine.infer(frames[:1])  # the first call of a new frame shape
+            if reference is not None:
+                got = [r.probabilities for r in engine.infer(frames[:2])]
+                choice.max_abs_diff[name] = max(float(np.abs(a - b).max())
+                                                for a, b in zip(got, reference))
+        # Rounds alternate between the backends: in a node, the engine being replaced keeps
+        # classifying meanwhile, and measured one after another each backend met other load (one
+        # measured 9.7 ms that way ran at 18 ms). Interleaved, the load falls on all alike.
 
-    def time_rounds() -> dict[str, list[float]]:
-        times: dict[str, list[float]] = {name: [] for name in engines}
-        for engine in engines.values():  # the first call in this thread
-            engine.infer(frames[:1])
-        for round_index in range(rounds):
-            for name, engine in engines.items():
-                # Runtimes' thread pools spin on after a call; timed right after another
-                # backend, compiled torch read 18 ms for its 12. So each block starts after
-                # a pause and an untimed call.
-                time.sleep(0.05)
-                engine.infer(frames[round_index % len(frames):][:1])
-                for frame in frames[round_index % len(frames):][:3]:
-                    started = time.perf_counter()
-                    engine.infer([frame])
-                    times[name].append(time.perf_counter() - started)
-        return times
+        def time_rounds() -> dict[str, list[float]]:
+            times: dict[str, list[float]] = {name: [] for name in engines}
+            for engine in engines.values():  # the first call in this thread
+                engine.infer(frames[:1])
+            for round_index in range(rounds):
+                for name, engine in engines.items():
+                    # Runtimes' thread pools spin on after a call; timed right after another
+                    # backend, compiled torch read 18 ms for its 12. So each block starts after
+                    # a pause and an untimed call.
+                    time.sleep(0.05)
+                    engine.infer(frames[round_index % len(frames):][:1])
+                    for frame in frames[round_index % len(frames):][:3]:
+                        started = time.perf_counter()
+                        engine.infer([frame])
+                        times[name].append(time.perf_counter() - started)
+            return times
 
-    for name, samples in run_timing(time_rounds).items():
-        choice.ms_per_frame[name] = float(np.median(samples)) * 1e3
-    tolerance = PARITY_FP32 if precision == 'fp32' else 3e-2
-    agreeing = [name for name in engines
-                if choice.max_abs_diff.get(name, 0.0) <= tolerance]
-    if not agreeing:
+        for name, samples in run_timing(time_rounds).items():
+            choice.ms_per_frame[name] = float(np.median(samples)) * 1e3
+        tolerance = PARITY_FP32 if precision == 'fp32' else 3e-2
+        agreeing = [name for name in engines
+                    if choice.max_abs_diff.get(name, 0.0) <= tolerance]
+        if not agreeing:
+            raise RuntimeError(f'no backend could run this model: {choice.failed or choice}')
+        choice.chosen = min(agreeing, key=lambda name: choice.ms_per_frame[name])
+    except BaseException:
         for engine in engines.values():
             engine.close()
-        raise RuntimeError(f'no backend could run this model: {choice.failed or choice}')
-    choice.chosen = min(agreeing, key=lambda name: choice.ms_per_frame[name])
+        raise
     for name, engine in engines.items():
         if name != choice.chosen:
             engine.close()

@@ -74,6 +74,11 @@ class StreamMemory:
         if len(set(named)) != len(named):
             raise ValueError('a stream appears twice in one batch; split it (EngineBase.infer '
                              'does)')
+        if len(named) > self.capacity:
+            # A new stream would take the row of one admitted earlier in the same batch.
+            raise ValueError(f'{len(named)} streams in one batch, but the state table has '
+                             f'{self.capacity} rows; split it (EngineBase.infer does) or raise '
+                             'max_streams')
         with self._lock:
             return self._admit(streams, stamps)
 

@@ -407,7 +407,7 @@ class TorchEngine(EngineBase):
     def describe(self) -> str:
         """Return a one-line summary for logs and diagnostics."""
         config = self.config
-        words = [config.backbone, config.sequence, config.rnn]
+        words = [config.backbone, config.sequence, f'{config.rnn}({config.hidden_size})']
         words += ['bidirectional'] if config.bidirectional else []
         words += [config.pooling]
         words += [f'temporal-{config.temporal}'] if config.temporal else []
@@ -421,6 +421,22 @@ class TorchEngine(EngineBase):
     @property
     def _compiled(self) -> bool:
         return getattr(self, '_run_trunk', None) is not getattr(self, '_trunk', None)
+
+    def carry_state_from(self, other: EngineBase) -> bool:
+        """
+        Take over another engine's per-camera temporal state, if it is of the same model.
+
+        For the swap from the eager engine to the compiled one of the same build: the cameras
+        go on where they were instead of starting their memory afresh. The table is copied in
+        place, since captured CUDA graphs hold it. Returns whether anything was carried.
+        """
+        if not (self.temporal and isinstance(other, TorchEngine) and other.temporal
+                and other.config == self.config and hasattr(other, '_state_table')
+                and other._state_table.shape == self._state_table.shape):
+            return False
+        self._state_table.copy_(other._state_table.to(self._state_table.device))
+        self.streams = other.streams
+        return True
 
     def close(self) -> None:
         """Release the model and every captured graph; GPU memory returns to the pool."""
