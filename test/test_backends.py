@@ -155,5 +155,5 @@ def test_auto_closes_every_engine_it_built_when_a_measurement_fails(checkpoint, 
     with pytest.raises(RuntimeError, match='worker stopped'):
         choose_backend(checkpoint, EngineSettings(device='cpu', backend='auto',
                                                   compile_trunk=False),
-                       run_timing=failing_timing)
+                       on_worker=failing_timing)
     assert len(built) >= 3 and all(engine in closed for engine in built)

@@ -1,6 +1,7 @@
 """The inference engine: agreement with the float32 reference, inputs, errors, streams."""
 
 from dataclasses import replace
+import threading
 
 from cnn_rnn_perception.core.engine import (
     EngineSettings, fold_batch_norm, resolve_device, resolve_precision, TorchEngine)
@@ -499,3 +500,30 @@ def test_more_cameras_in_one_call_than_state_rows_never_share_a_row():
                                atol=1e-5)), stream
     slots = [status.slot for status in tested.streams.status().values()]
     assert len(slots) == len(set(slots)) == 2
+
+
+def test_buffers_are_prepared_and_captured_where_on_worker_runs_them():
+    from concurrent.futures import ThreadPoolExecutor
+    frames = camera_frames(2)
+    worker = ThreadPoolExecutor(1, thread_name_prefix='inference')
+    ran_in = []
+
+    def on_worker(task):  # the node's: the task runs in its inference thread, between batches
+        def run():
+            ran_in.append(threading.current_thread().name)
+            return task()
+        return worker.submit(run).result()
+
+    settings = replace(EAGER_CPU, static_buffers=True, max_batch=2)
+    torch.manual_seed(0)
+    model = CnnRnnClassifier(CONFIG).eval()
+    tested = TorchEngine(model, labels=LABELS, preprocessing=Preprocessing.for_config(CONFIG),
+                         settings=settings, on_worker=on_worker)
+    tested.warmup(batch_sizes=[2])
+    worker.shutdown()
+    # One preparation per batch size (1 at construction, 2 here), each in the worker thread.
+    assert len(ran_in) == 2 and all(name.startswith('inference') for name in ran_in)
+    reference = TorchEngine(model, labels=LABELS, preprocessing=Preprocessing.for_config(CONFIG),
+                            settings=EAGER_CPU)
+    np.testing.assert_allclose([r.probabilities for r in tested.infer(frames)],
+                               [r.probabilities for r in reference.infer(frames)], atol=1e-5)

@@ -29,7 +29,8 @@ def test_selftest_on_the_cpu_passes_and_reports_every_path(tmp_path):
     report = json.loads(report_path.read_text())
     assert report['passed'] is True
     assert [path['path'] for path in report['paths']] == [
-        'eager', 'compiled', 'static buffers', 'onnxruntime', 'openvino']
+        'eager', 'compiled', 'static buffers', 'built beside a serving engine', 'onnxruntime',
+        'openvino']
     for path in report['paths']:
         assert path['max_abs_diff'] <= TOLERANCE['fp32'] and path['ms_per_frame'] > 0
     assert 'PASSED' in result.stdout and 'static buffers' in result.stdout
@@ -44,7 +45,8 @@ def test_selftest_checks_a_temporal_models_state_beside_another_camera():
     assert report['passed'] is True, report
     # Exported runtimes cannot carry the state, so they are not among the paths.
     assert [path['path'] for path in report['paths']] == [
-        'eager', 'static buffers', 'temporal state']
+        'eager', 'static buffers', 'built beside a serving engine', 'temporal state',
+        'temporal, 3 cameras on 2 state rows']
 
 
 def test_a_path_that_cannot_run_fails_the_selftest_with_its_reason():

@@ -70,7 +70,7 @@ class EngineSlot:
         self._builders: list[threading.Thread] = []
         self._tasks: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._abandoned: list[LoadedModel] = []  # released while a stuck batch still used them
-        self.worker_serves = False  # set by the worker that calls serve_tasks
+        self._worker_thread: threading.Thread | None = None  # the one that calls serve_tasks
 
     # -- for the inference worker --------------------------------------------------------------
 
@@ -84,6 +84,15 @@ class EngineSlot:
             finally:
                 # Released while this batch was stuck in it: the batch closes what it used.
                 self._close_abandoned()
+
+    @property
+    def worker_serves(self) -> bool:
+        """Return whether a worker thread serves tasks (set True from that thread)."""
+        return self._worker_thread is not None
+
+    @worker_serves.setter
+    def worker_serves(self, serving: bool) -> None:
+        self._worker_thread = threading.current_thread() if serving else None
 
     def serve_tasks(self) -> None:
         """Run what builders asked the worker thread to run (called between batches)."""
@@ -105,7 +114,8 @@ class EngineSlot:
         in another thread than the worker's ran up to a third faster or slower there. With no
         worker serving (the command-line tools), ``task`` runs here.
         """
-        if not self.worker_serves:
+        worker = self._worker_thread
+        if worker is None or worker is threading.current_thread():  # here is where it runs
             return task()
         future: Future = Future()
         self._tasks.put((task, future))

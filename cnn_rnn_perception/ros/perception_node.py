@@ -319,10 +319,11 @@ class PerceptionNode(LifecycleNode):
                 f'model.checkpoint is empty: built {config.backbone} {config.sequence} with '
                 'RANDOM weights; classifications mean nothing until model.checkpoint names a '
                 'trained checkpoint')
-        # backend auto times the backends in the inference worker's thread, between batches
-        # (well under a second): where they will run, and with nothing classifying beside.
+        # backend auto times the backends, and a GPU engine captures its CUDA graphs, in the
+        # inference worker's thread between batches: where they will run, with nothing else
+        # on the device meanwhile (a capture beside a running batch fails or is wrong).
         engine = create_engine(checkpoint, settings, config=config, labels=values['labels'],
-                               run_timing=self._slot.on_worker)
+                               on_worker=self._slot.on_worker)
         labels = choose_labels(engine.labels, values['labels'])
         try:
             # Every batch the worker can form (one frame per camera at most) is compiled here,

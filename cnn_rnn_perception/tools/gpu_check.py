@@ -143,6 +143,11 @@ def run_checks(out: Path) -> int:
     _step('selftest', tool + ['selftest', '--device', 'cuda', '--batch-sizes', '1,8',
                               '--no-progress', '--json', str(out / 'selftest.json')],
           out, 150, summary)
+    # A temporal model: its state through CUDA graphs, and three cameras on two state rows.
+    _step('selftest-temporal', tool + [
+        'selftest', '--device', 'cuda', '--batch-sizes', '1,3', '--no-compile', '--temporal',
+        'gru', '--no-progress', '--json', str(out / 'selftest-temporal.json')],
+        out, 90, summary)
     for precision in ('fp32', 'bf16'):
         _step(f'bench-{precision}', tool + [
             'bench', '--device', 'cuda', '--precision', precision, '--batch-sizes', '1,8,256',

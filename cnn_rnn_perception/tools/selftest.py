@@ -14,9 +14,11 @@ precision's tolerance. A path that raises fails too, with its error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 import tempfile
+import threading
 import time
 from typing import Sequence
 
@@ -26,6 +28,7 @@ from cnn_rnn_perception.core.engine import (
 from cnn_rnn_perception.core.engine.export_format import export_onnx
 from cnn_rnn_perception.core.model import CnnRnnClassifier, Preprocessing
 from cnn_rnn_perception.core.sample_frames import camera_frame, selftest_frames
+from cnn_rnn_perception.ros.engine_slot import EngineSlot, LoadedModel
 from cnn_rnn_perception.tools import options
 from cnn_rnn_perception.tools.report import (
     gpu_peak_mb, machine_description, PeakRss, render_table, reset_gpu_peak, write_json)
@@ -64,12 +67,61 @@ def _paths(settings: EngineSettings, on_cuda: bool, compile_trunk: bool, tempora
     static = replace(eager, compile_trunk=compile_trunk, static_buffers=True,
                      cuda_graphs=on_cuda)
     paths.append(('cuda graphs' if on_cuda else 'static buffers', static))
+    paths.append((BESIDE_PATH, static))
     if temporal:
         paths.append((TEMPORAL_PATH, static))
+        paths.append((CROWDED_PATH, replace(static, max_streams=2)))
     return paths
 
 
 TEMPORAL_PATH = 'temporal state'
+# Built (buffers warmed, graphs captured) while another engine of the same device serves, as
+# the node builds its next engine: the capture runs in the serving thread, between batches.
+BESIDE_PATH = 'built beside a serving engine'
+# Three cameras in every call, two state rows: no two may ever share a row.
+CROWDED_PATH = 'temporal, 3 cameras on 2 state rows'
+
+
+class _ServingBeside:
+    """Another engine classifying in a thread of its own, as the node's inference worker."""
+
+    def __init__(self, model: CnnRnnClassifier, labels: Sequence[str],
+                 preprocessing: Preprocessing, settings: EngineSettings,
+                 frame: np.ndarray) -> None:
+        serving = TorchEngine(model, labels=labels, preprocessing=preprocessing,
+                              settings=replace(settings, static_buffers=False,
+                                               cuda_graphs=False, compile_trunk=False))
+        ready = threading.Event()
+        self.slot = EngineSlot(lambda values, compiled: LoadedModel(serving, list(labels)),
+                               on_ready=lambda model: ready.set())
+        self.slot.build({}, compiled=False)
+        if not ready.wait(60):
+            raise RuntimeError('the serving engine did not start')
+        self.batches = 0
+        self._frame = frame
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name='serving', daemon=True)
+
+    def _serve(self) -> None:
+        self.slot.worker_serves = True
+        try:
+            while not self._stop.is_set():
+                self.slot.serve_tasks()
+                with self.slot.borrow() as model:
+                    model.engine.infer([self._frame])
+                self.batches += 1
+        finally:
+            self.slot.worker_serves = False
+            self.slot.serve_tasks()
+
+    def __enter__(self) -> _ServingBeside:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.slot.release()
 
 
 def run_selftest(model: CnnRnnClassifier, *, labels: Sequence[str],
@@ -129,11 +181,27 @@ def _check_path(name: str, settings: EngineSettings, model: CnnRnnClassifier,
     reset_gpu_peak(device)
     seconds, count, worst = 0.0, 0, 0.0
     try:
-        with PeakRss() as rss, (
+        beside = (_ServingBeside(model, labels, preprocessing, settings, uniform[0])
+                  if name == BESIDE_PATH else contextlib.nullcontext())
+        with PeakRss() as rss, beside as serving, (
                 open_exported(exported, settings) if exported is not None else
                 TorchEngine(model, labels=labels, preprocessing=preprocessing,
-                            settings=settings)) as engine:
-            if name == TEMPORAL_PATH:
+                            settings=settings,
+                            **({'on_worker': serving.slot.on_worker} if serving else {}))
+        ) as engine:
+            if name == CROWDED_PATH:
+                # Every frame starts afresh (three cameras take turns on two rows); what
+                # matters is that none reads another camera's row.
+                started = time.perf_counter()
+                got, expected = [], []
+                for index, (frame, order) in enumerate(zip(frames, orders)):
+                    got += engine.infer([frame] * 3, color_order=[order] * 3,
+                                        streams=['a', 'b', 'c'], stamps=[0.1 * index] * 3)
+                    expected += [want[id(frame)]] * 3
+                seconds, count = time.perf_counter() - started, len(got)
+                worst = max(float(np.abs(result.probabilities - reference).max())
+                            for result, reference in zip(got, expected))
+            elif name == TEMPORAL_PATH:
                 # The same stream batched beside another camera: it must not notice.
                 started = time.perf_counter()
                 got = [engine.infer([frame, uniform[0]], color_order=[order, 'bgr'],

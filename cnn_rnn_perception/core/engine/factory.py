@@ -103,7 +103,7 @@ def _is_temporal(source: str | os.PathLike | None, config: ModelConfig | None) -
 
 def create_engine(source: str | os.PathLike | None, settings: EngineSettings, *,
                   config: ModelConfig | None = None, labels: Sequence[str] | None = None,
-                  seed: int = 0, run_timing: Callable[[Callable[[], Any]], Any] = _here
+                  seed: int = 0, on_worker: Callable[[Callable[[], Any]], Any] = _here
                   ) -> EngineBase:
     """
     Build the engine ``settings.backend`` names for a checkpoint, an exported file or a config.
@@ -117,13 +117,14 @@ def create_engine(source: str | os.PathLike | None, settings: EngineSettings, *,
                      'than fp32, often several times: use precision fp32 or auto')
     if settings.backend == 'auto':
         return choose_backend(source, settings, config=config, labels=labels, seed=seed,
-                              run_timing=run_timing)[0]
+                              on_worker=on_worker)[0]
     if source and is_exported(source):
         return open_exported(source, settings)
     if settings.backend == 'torch':
         if source:
-            return TorchEngine.from_checkpoint(source, settings)
-        return TorchEngine.from_config(config, labels=labels, settings=settings, seed=seed)
+            return TorchEngine.from_checkpoint(source, settings, on_worker=on_worker)
+        return TorchEngine.from_config(config, labels=labels, settings=settings, seed=seed,
+                                       on_worker=on_worker)
     model, model_labels, preprocessing = model_parts(source, config, labels, seed)
     folder = tempfile.TemporaryDirectory(prefix='cnn_rnn_perception-export-')
     try:
@@ -140,15 +141,15 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
                    config: ModelConfig | None = None, labels: Sequence[str] | None = None,
                    seed: int = 0, frame_shape: tuple[int, int, int] = (480, 640, 3),
                    timed_frames: int = 8, rounds: int = 6,
-                   run_timing: Callable[[Callable[[], Any]], Any] = _here
+                   on_worker: Callable[[Callable[[], Any]], Any] = _here
                    ) -> tuple[EngineBase, BackendChoice]:
     """
     Build every installed backend, time it, check it; return the fastest that agrees.
 
-    ``run_timing(task)`` runs the timing rounds (not the builds): the node runs them in its
-    inference worker's thread, between batches, so nothing classifies beside them (compiled
-    torch measured 21 ms beside a running ONNX Runtime, 12 ms alone) and each backend is
-    timed in the thread it will run in.
+    ``on_worker(task)`` runs the timing rounds (not the builds) and, for torch, CUDA-graph
+    captures: the node runs them in its inference worker's thread, between batches, so
+    nothing classifies beside them (compiled torch measured 21 ms beside a running ONNX
+    Runtime, 12 ms alone) and each backend is timed in the thread it will run in.
     """
     frames = camera_frames(timed_frames, frame_shape[0], frame_shape[1], seed=7)
     candidates = [name for name in installed_backends()
@@ -174,7 +175,8 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
             try:
                 engine = create_engine(source, replace(settings, backend=name, precision=precision
                                                        if name == 'torch' else 'fp32'),
-                                       config=config, labels=labels, seed=seed)
+                                       config=config, labels=labels, seed=seed,
+                                       on_worker=on_worker)
             except Exception as error:  # a backend that cannot load is reported, not fatal
                 choice.failed[name] = str(error)
                 continue
@@ -205,7 +207,7 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
                         times[name].append(time.perf_counter() - started)
             return times
 
-        for name, samples in run_timing(time_rounds).items():
+        for name, samples in on_worker(time_rounds).items():
             choice.ms_per_frame[name] = float(np.median(samples)) * 1e3
         tolerance = PARITY_FP32 if precision == 'fp32' else 3e-2
         agreeing = [name for name in engines

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from cnn_rnn_perception.core.engine.base import (
     EngineBase, EngineSettings, precision_name, resolve_device, resolve_precision)
@@ -133,6 +134,10 @@ def _replace(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attribute, module)
 
 
+def _here(task: Callable[[], Any]) -> Any:
+    return task()
+
+
 class _StaticPath:
     """
     The buffers of one batch size: model input, probabilities, and their host copy.
@@ -144,7 +149,8 @@ class _StaticPath:
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                 classes: int, *, capture: bool, warmup_iterations: int) -> None:
+                 classes: int, *, capture: bool, warmup_iterations: int,
+                 on_worker: Callable[[Callable[[], Any]], Any] = _here) -> None:
         self.forward = forward
         self.input = images
         self.output = torch.zeros(images.shape[0], classes, device=images.device)
@@ -152,20 +158,33 @@ class _StaticPath:
         self.host_output = (torch.empty(self.output.shape, pin_memory=True) if on_cuda
                             else self.output)
         self.graph: torch.cuda.CUDAGraph | None = None
-        with torch.inference_mode():
+        # Warm-up and capture run where ``on_worker`` says: the node's inference thread,
+        # between batches. torch.cuda.graph captures in 'global' mode: CUDA work of another
+        # thread during the capture (a batch of the engine being replaced) makes it fail or
+        # record the wrong thing, and entering it empties the allocator's cache.
+        on_worker(functools.partial(self._prepare, capture, warmup_iterations))
+
+    def _prepare(self, capture: bool, warmup_iterations: int) -> None:
+        device = self.input.device
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(torch.inference_mode())  # per thread: entered where it runs
             if capture:
-                side = torch.cuda.Stream(device=images.device)
-                side.wait_stream(torch.cuda.current_stream(images.device))
+                scope.enter_context(torch.cuda.device(device))
+                side = torch.cuda.Stream(device=device)
+                side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(max(warmup_iterations, 1)):  # capture needs warm kernels
-                        self.output.copy_(forward(self.input))
-                torch.cuda.current_stream(images.device).wait_stream(side)
+                        self.output.copy_(self.forward(self.input))
+                torch.cuda.current_stream(device).wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.output.copy_(forward(self.input))
+                # On a stream of this engine's device: torch's default capture stream is made
+                # once per process, on the device that captured first (cuda:0, then cuda:1
+                # after a device change, failed).
+                with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(device=device)):
+                    self.output.copy_(self.forward(self.input))
             else:
                 for _ in range(max(warmup_iterations, 1)):
-                    self.output.copy_(forward(self.input))
+                    self.output.copy_(self.forward(self.input))
 
     def run(self) -> np.ndarray:
         """Run the model on ``input`` as it is now; return a copy of the probabilities."""
@@ -190,8 +209,15 @@ class TorchEngine(EngineBase):
 
     def __init__(self, model: CnnRnnClassifier, *, labels: Sequence[str],
                  preprocessing: Preprocessing,
-                 settings: EngineSettings = EngineSettings()) -> None:
-        """Prepare the model for the device and warm it up; raises rather than half-build."""
+                 settings: EngineSettings = EngineSettings(),
+                 on_worker: Callable[[Callable[[], Any]], Any] = _here) -> None:
+        """
+        Prepare the model for the device and warm it up; raises rather than half-build.
+
+        ``on_worker(task)`` runs each batch size's buffer warm-up and CUDA-graph capture (the
+        node: in its inference thread, between batches); by default they run here.
+        """
+        self._on_worker = on_worker
         if len(labels) != model.config.num_classes:
             raise ValueError(f'{len(labels)} labels for a model with '
                              f'{model.config.num_classes} classes')
@@ -217,21 +243,24 @@ class TorchEngine(EngineBase):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike,
-                        settings: EngineSettings = EngineSettings()) -> TorchEngine:
+                        settings: EngineSettings = EngineSettings(), *,
+                        on_worker: Callable[[Callable[[], Any]], Any] = _here) -> TorchEngine:
         """Load a checkpoint file and build an engine with its labels and preprocessing."""
         checkpoint = load_checkpoint(path)
         return cls(checkpoint.model, labels=checkpoint.labels,
-                   preprocessing=checkpoint.preprocessing, settings=settings)
+                   preprocessing=checkpoint.preprocessing, settings=settings,
+                   on_worker=on_worker)
 
     @classmethod
     def from_config(cls, config: ModelConfig, *, labels: Sequence[str] | None = None,
-                    settings: EngineSettings = EngineSettings(), seed: int = 0
-                    ) -> TorchEngine:
+                    settings: EngineSettings = EngineSettings(), seed: int = 0,
+                    on_worker: Callable[[Callable[[], Any]], Any] = _here) -> TorchEngine:
         """Build an untrained model (random or ``trunk_weights``) from a config."""
         with seeded(seed):
             model = CnnRnnClassifier(config)
         return cls(model, labels=list(labels or default_labels(config.num_classes)),
-                   preprocessing=Preprocessing.for_config(config), settings=settings)
+                   preprocessing=Preprocessing.for_config(config), settings=settings,
+                   on_worker=on_worker)
 
     # -- preparation -------------------------------------------------------------------------
 
@@ -397,7 +426,8 @@ class TorchEngine(EngineBase):
         else:
             forward = self._forward
         path = _StaticPath(forward, images, self.config.num_classes, capture=self._capture,
-                           warmup_iterations=self.settings.warmup_iterations)
+                           warmup_iterations=self.settings.warmup_iterations,
+                           on_worker=self._on_worker)
         path.slots, path.keep = slots, keep
         self._static[size] = path
         return path
