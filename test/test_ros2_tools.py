@@ -221,7 +221,11 @@ def test_a_launched_node_stops_cleanly(tmp_path, how):
     try:
         wait_for(lambda: 'classifying with' in launch.log(), 60,
                  lambda: f'the node to classify; launch log:\n{launch.log()}')
-        wait_for(lambda: harness.statuses, 10, 'diagnostics')
+        # This node's own camera status: its /diagnostics publisher has matched ours, so the
+        # last word cannot be lost to discovery (the module's other node has no camera now).
+        key = f'{NODE}: {CAMERA}'
+        wait_for(lambda: harness.statuses.get(key, {}).get('state') == 'active', 30,
+                 lambda: f'diagnostics of the launched node: {harness.statuses}')
         node = psutil.Process(launch.process.pid).children(recursive=True)[-1]
         if how == 'sigterm to the node':  # a supervisor stopping the node
             node.send_signal(signal.SIGTERM)
@@ -233,9 +237,8 @@ def test_a_launched_node_stops_cleanly(tmp_path, how):
             launch.signal(signal.SIGINT)
         launch.process.wait(timeout=30)
         psutil.wait_procs([node], timeout=30)
-        wait_for(lambda: any(status.get('state') == 'finalized'
-                             for status in harness.statuses.values()), 5,
-                 'the final diagnostics')
+        wait_for(lambda: harness.statuses[key].get('state') == 'finalized', 10,
+                 lambda: f'the final diagnostics: {harness.statuses[key]}')
     finally:
         harness.close()
         code = launch.stop()
