@@ -14,6 +14,12 @@ PYTEST_ARGS ?=
 # line), built into each venv by make setup. Point it at your own checkouts (same layout as
 # shared/ros-sources/README.md); where it does not exist the tests that need them skip.
 ROS_SOURCES ?= ../shared/ros-sources
+# Humble's Python is 3.10: the pure core and the engine slot (no ROS) are tested on it too. The
+# first python3.10 that runs (a pyenv shim that does not is passed over); none: skipped.
+PYTHON310 ?= $(shell for p in $$(command -v python3.10) $$HOME/.pyenv/versions/3.10*/bin/python3.10; \
+	do "$$p" --version >/dev/null 2>&1 && { echo "$$p"; break; }; done)
+PY310_TESTS := test/test_engine_slot.py test/test_engine.py test/test_model.py \
+	test/test_postprocess.py
 # What a second distro must pass when `make test` runs both: everything that talks to rclpy.
 ROS_FACING_TESTS := test/test_node.py test/test_node_parts.py test/test_layout.py test/test_replay.py \
 	test/test_ros2_tools.py test/test_demo.py test/test_flake8.py test/test_pep257.py
@@ -38,7 +44,7 @@ VENV := $(call venv_of,$(ROS_DISTRO))
 BIN := $(VENV)/bin
 
 .PHONY: setup demo demo-temporal test test-fast bench lint clean wheelhouse gpu-check \
-	$(addprefix test-,kilted jazzy)
+	$(addprefix test-,kilted jazzy py310)
 
 setup: $(VENV)/.installed
 	@$(call ros_tools,$(VENV))
@@ -63,7 +69,7 @@ demo: setup
 demo-temporal: setup
 	$(BIN)/cnn_rnn_perception demo --temporal
 
-test: $(addprefix test-,$(DISTROS))
+test: $(addprefix test-,$(DISTROS)) test-py310
 
 test-kilted: .venv/.installed
 	@$(call ros_tools,.venv)
@@ -74,6 +80,18 @@ test-jazzy: .venv-jazzy/.installed
 	@$(call ros_tools,.venv-jazzy)
 	@echo "== ROS 2 Jazzy: $(if $(filter kilted,$(DISTROS)),the ROS-facing tests,the whole suite) =="
 	.venv-jazzy/bin/python -m pytest $(if $(filter kilted,$(DISTROS)),$(ROS_FACING_TESTS)) $(PYTEST_ARGS)
+
+.venv-py310/.installed: requirements-py310.txt
+	@test -x .venv-py310/bin/python || $(PYTHON310) -m venv .venv-py310
+	@echo "Installing the Python 3.10 environment (requirements-py310.txt) into .venv-py310"
+	@.venv-py310/bin/python -m pip install --disable-pip-version-check -r requirements-py310.txt \
+	  > .venv-py310/pip-install.log 2>&1 || { tail -30 .venv-py310/pip-install.log; exit 1; }
+	@touch $@
+
+test-py310: $(if $(PYTHON310),.venv-py310/.installed)
+	@if [ -z "$(PYTHON310)" ]; then echo "== Python 3.10: no python3.10 found (make PYTHON310=...); skipped =="; \
+	else echo "== Python 3.10 (Humble's): the core and the engine slot, without ROS =="; \
+	  .venv-py310/bin/python -m pytest $(PY310_TESTS) $(PYTEST_ARGS); fi
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -106,4 +124,4 @@ gpu-check:
 	AMENT_PREFIX_PATH=$(CURDIR)/.venv-gpu .venv-gpu/bin/python -m cnn_rnn_perception.tools.gpu_check run --out $${OUT:-gpu-report}
 
 clean:
-	rm -rf .venv .venv-jazzy .venv-gpu build install log *.egg-info
+	rm -rf .venv .venv-jazzy .venv-py310 .venv-gpu build install log *.egg-info

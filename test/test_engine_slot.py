@@ -171,3 +171,27 @@ def test_the_compiled_engine_of_the_same_build_keeps_each_cameras_temporal_state
                                [r.probabilities for r in want], atol=1e-5)
     with slot.borrow() as model:
         assert model.compiled and model.engine.stream_status()['cam'].frames == 4
+
+
+def test_a_task_for_the_worker_waits_for_it_however_long_the_worker_takes():
+    # The node's worker serves tasks between batches; a batch takes longer than the builder's
+    # 0.1 s poll. On Python 3.10 that poll raises concurrent.futures.TimeoutError, which is
+    # not the builtin TimeoutError there, and backend auto failed to load on Humble.
+    slot = EngineSlot(lambda values, compiled: None)
+    stop = threading.Event()
+
+    def worker():
+        slot.worker_serves = True
+        while not stop.wait(0.35):  # a batch of 0.35 s, then the queued tasks
+            slot.serve_tasks()
+        slot.worker_serves = False
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    while not slot.worker_serves:
+        time.sleep(0.01)
+    ran_in = []
+    assert slot.on_worker(lambda: ran_in.append(threading.current_thread()) or 42) == 42
+    assert ran_in == [thread]
+    stop.set()
+    thread.join(5)
