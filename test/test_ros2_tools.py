@@ -31,7 +31,6 @@ ROS2 = Path(sys.executable).with_name('ros2')
 COMMAND = str(Path(sys.executable).with_name('cnn_rnn_perception'))
 NODE = '/robot1/cnn_rnn_perception'
 CAMERA = '/robot1/cam/image_raw'
-_CAMERAS: dict = {}
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not ROS2.exists(), reason='the ros2 command line is not installed: make '
@@ -108,18 +107,15 @@ def managed(tmp_path_factory, daemon):
     try:
         wait_for(lambda: NODE in ros2('node', 'list', check=False), 60,
                  lambda: f'{NODE} in ros2 node list; launch log:\n{launch.log()}')
-        yield launch, harness
+        yield launch, harness, harness.camera(CAMERA, reliable=False)
     finally:
         harness.close()
         launch.stop()
 
 
-def _camera_frames(harness, count: int = 40) -> None:
+def _camera_frames(harness, camera, count: int = 40) -> None:
     """Publish ``count`` frames at 20 Hz, best effort as a camera driver does."""
-    if id(harness) not in _CAMERAS:
-        _CAMERAS[id(harness)] = harness.camera(CAMERA, reliable=False)
-        harness.wait_subscribed(_CAMERAS[id(harness)])
-    camera = _CAMERAS[id(harness)]
+    harness.wait_subscribed(camera)
     pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     for index in range(count):
         camera.publish(image_message(pixels, 'rgb8', 100.0 + index * 0.1, 'front'))
@@ -139,18 +135,18 @@ def test_ros2_finds_the_package_its_launch_file_and_executables(daemon):
 
 
 def test_lifecycle_set_configures_and_activates_a_launched_node(managed):
-    launch, harness = managed
+    launch, harness, camera = managed
     assert lifecycle_state() == 'unconfigured'
     assert 'Transitioning successful' in ros2('lifecycle', 'set', NODE, 'configure')
     assert lifecycle_state() == 'inactive'
     assert 'Transitioning successful' in ros2('lifecycle', 'set', NODE, 'activate')
     assert lifecycle_state() == 'active'
-    _camera_frames(harness, 10)
+    _camera_frames(harness, camera, 10)
     wait_for(lambda: harness.scenes_for(CAMERA), 30, 'a scene from the launched node')
 
 
 def test_param_set_get_and_dump_say_what_runs(managed):
-    launch, harness = managed
+    launch, harness, camera = managed
     assert 'Set parameter successful' in ros2('param', 'set', NODE, 'top_k', '2')
     assert ros2('param', 'get', NODE, 'top_k').strip() == 'Integer value is: 2'
     refused = ros2('param', 'set', NODE, 'top_k', '0')
@@ -165,14 +161,15 @@ def test_param_set_get_and_dump_say_what_runs(managed):
     assert values['top_k'] == 2 and values['model']['hidden_size'] == 12
     assert values['image_topics'] == [CAMERA] and values['device'] == 'cpu'
     before = len(harness.scenes_for(CAMERA))
-    _camera_frames(harness, 10)
+    _camera_frames(harness, camera, 10)
     scenes = wait_for(lambda: harness.scenes_for(CAMERA)[before:], 30, 'scenes after reload')
     assert all(len(scene['top_k']) <= 2 for scene in scenes)
 
 
 def test_topic_echo_shows_classifications_whose_ids_label_info_names(managed):
-    launch, harness = managed
-    pytest.importorskip('vision_msgs', reason='vision_msgs is built by make setup')
+    launch, harness, camera = managed
+    pytest.importorskip('vision_msgs', reason='vision_msgs is an apt package of a ROS install; '
+                        'make setup builds it from ROS_SOURCES')
     label_info = echo_once(f'{NODE}/label_info', '--qos-durability', 'transient_local',
                            '--qos-reliability', 'reliable')
     names = {entry['class_id']: entry['class_name'] for entry in label_info['class_map']}
@@ -182,7 +179,7 @@ def test_topic_echo_shows_classifications_whose_ids_label_info_names(managed):
     echo = threading.Thread(target=lambda: echoed.append(echo_once(f'{NODE}/classification')))
     echo.start()
     while echo.is_alive():
-        _camera_frames(harness, 5)
+        _camera_frames(harness, camera, 5)
     classification = echoed[0]
     assert classification['header']['frame_id'] == 'front'
     assert 1 <= len(classification['results']) <= 2  # top_k 2, set above
@@ -191,12 +188,12 @@ def test_topic_echo_shows_classifications_whose_ids_label_info_names(managed):
 
 
 def test_topic_echo_shows_the_scene_json_and_diagnostics(managed):
-    launch, harness = managed
+    launch, harness, camera = managed
     echoed = []
     echo = threading.Thread(target=lambda: echoed.append(echo_once(f'{NODE}/scene')))
     echo.start()
     while echo.is_alive():
-        _camera_frames(harness, 5)
+        _camera_frames(harness, camera, 5)
     scene = json.loads(echoed[0]['data'])
     assert scene['topic'] == CAMERA and scene['frame_id'] == 'front'
     assert scene['label'] == scene['top_k'][0]['label']
@@ -206,7 +203,7 @@ def test_topic_echo_shows_the_scene_json_and_diagnostics(managed):
 
 
 def test_lifecycle_set_deactivates_and_cleans_up(managed):
-    launch, harness = managed
+    launch, harness, camera = managed
     assert 'Transitioning successful' in ros2('lifecycle', 'set', NODE, 'deactivate')
     assert lifecycle_state() == 'inactive'
     assert 'Transitioning successful' in ros2('lifecycle', 'set', NODE, 'cleanup')

@@ -246,8 +246,7 @@ class EngineSlot:
                     self._status = 'ready'
                     # The compiled engine of the same build replaces the eager one: the
                     # cameras keep their temporal memory (no batch runs while we hold the lock).
-                    if (old is not None and model.compiled and old.values == model.values
-                            and hasattr(model.engine, 'carry_state_from')):
+                    if old is not None and model.compiled and old.values == model.values:
                         model.engine.carry_state_from(old.engine)
         if stale:
             model.close()

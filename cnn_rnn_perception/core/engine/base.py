@@ -260,15 +260,15 @@ class EngineBase(abc.ABC):
         A temporal model's pass also holds at most as many streams as its state table has
         rows: more would make one stream's row the row of another in the same pass.
         """
-        chunks, start, seen = [], 0, set()
+        chunks, start, seen = [], 0, set()  # seen: the named streams of the current pass
         for index, stream in enumerate(streams):
-            repeated = self.temporal and stream is not None and stream in seen
-            full = self.temporal and len(seen - {None}) == self.streams.capacity \
-                and stream is not None
-            if index - start == self.settings.max_batch or repeated or full:
+            named = self.temporal and stream is not None
+            if (index - start == self.settings.max_batch
+                    or named and (stream in seen or len(seen) == self.streams.capacity)):
                 chunks.append(range(start, index))
                 start, seen = index, set()
-            seen.add(stream)
+            if named:
+                seen.add(stream)
         if start < len(streams):
             chunks.append(range(start, len(streams)))
         return chunks
@@ -305,6 +305,10 @@ class EngineBase(abc.ABC):
                            batch_size=len(frames))
         return [FrameResult(probabilities=row, labels=self.labels, times=times, stream=stream,
                             k=k) for row, stream in zip(rows, streams)]
+
+    def carry_state_from(self, other: EngineBase) -> bool:
+        """Take over ``other``'s per-camera temporal state if this backend can; say whether."""
+        return False
 
     def reset_streams(self, *streams: Hashable) -> None:
         """Start the named streams afresh at their next frame, or every stream if none named."""
