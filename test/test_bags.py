@@ -13,8 +13,10 @@ from cnn_rnn_perception.core.image_conversion import message_to_frame
 from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, save_checkpoint
 from cnn_rnn_perception.core.sample_frames import camera_frame
 from cnn_rnn_perception.tools.bags import BadMessage, BagError, BagSource, BagWriter, Labels
+from cnn_rnn_perception.core.navigation import UNKNOWN
 from cnn_rnn_perception.tools.evaluate import (
-    evaluate_bags, flicker, NO_LABEL, Prediction, score, score_scene_recording)
+    ChangeCount, decision_changes, evaluate_bags, flicker, NO_LABEL, Prediction, score,
+    score_scene_recording)
 import cv2
 import numpy as np
 import pytest
@@ -287,3 +289,31 @@ def test_evaluate_runs_a_temporal_model_along_each_topic_as_the_node_would(tmp_p
     assert [label for label, _ in got] == [label for label, _ in expected]
     np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
     assert result['summary']['flicker_per_min'] is not None
+
+
+def test_change_count_tells_spurious_changes_from_switches_and_measures_the_delay():
+    stamps = [index / 10 for index in range(60)]
+    truths = ['a'] * 30 + ['b'] * 30
+    said = ['a'] * 10 + ['c'] * 2 + ['a'] * 18 + ['a'] * 8 + ['b'] * 22
+    count = ChangeCount()
+    count.add(stamps, said, truths, transition_s=0.5)
+    # a->c and c->a are spurious (far from the change at 3.0 s); a->b at 3.8 s is the switch.
+    assert (count.changes, count.spurious, count.true_changes) == (3, 2, 1)
+    assert count.switch_delays_s == [pytest.approx(0.8)]
+    missed = ChangeCount()
+    missed.add(stamps, ['a'] * 60, truths, transition_s=0.5)
+    assert missed.missed_switches == 1 and missed.spurious == 0
+
+
+def test_decision_counts_fuse_a_bags_cameras_into_one_stream():
+    predictions = []
+    for camera in ('/front', '/rear'):
+        for index in range(30):
+            truth = 'a' if index < 15 else 'b'
+            predictions.append(Prediction(bag='drive', topic=camera, stamp=index / 10 + 0.01 * (
+                camera == '/rear'), frame_id='', label=truth, score=1.0, top_k=[], truth=truth,
+                decision=UNKNOWN if index < 4 else ('a' if index < 19 else 'b')))
+    counts = decision_changes(predictions)
+    assert counts['decision_switch_delay_p50_s'] == pytest.approx(0.4)
+    assert counts['decision_spurious_changes_per_min'] == 0.0
+    assert counts['decision_accuracy'] == pytest.approx((60 - 2 * 8) / 60)

@@ -55,14 +55,17 @@ class ProbabilitySmoother:
         return estimate
 
     def rank(self, camera: Hashable, stamp_s: float, probabilities: np.ndarray, k: int,
-             labels: Sequence[str], score_threshold: float = 0.0) -> list[tuple[str, float]]:
+             labels: Sequence[str], score_threshold: float = 0.0
+             ) -> tuple[np.ndarray, list[tuple[str, float]]]:
         """
-        Fold a frame into its camera's history and rank the estimate: what a frame reports.
+        Fold a frame into its camera's history; return the estimate and its ranking.
 
         The one place where a frame's reported classes are decided, for the node and for
-        ``evaluate`` alike; with smoothing 0 it is the frame's own ranking.
+        ``evaluate`` alike; with smoothing 0 it is the frame's own ranking. The estimate is
+        what the robot's scene fuses (``core.navigation``).
         """
-        return top_k(self.update(camera, stamp_s, probabilities), k, labels, score_threshold)
+        estimate = self.update(camera, stamp_s, probabilities)
+        return estimate, top_k(estimate, k, labels, score_threshold)
 
     def reset(self) -> None:
         """Forget every camera's history."""

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from cnn_rnn_perception.core.engine import create_engine, EngineBase
 from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
+from cnn_rnn_perception.core.navigation import DecisionSettings, FUSION_WINDOW_S, RobotDecision
 from cnn_rnn_perception.core.postprocess import ProbabilitySmoother
 from cnn_rnn_perception.tools import options
 from cnn_rnn_perception.tools.bags import BadMessage, BagError, BagFrame, BagSource, Labels
@@ -46,6 +47,8 @@ class Prediction:
     score: float
     top_k: list[tuple[str, float]]
     truth: str | None = None
+    # The robot's decided scene after this frame (its bag's cameras fused; core.navigation).
+    decision: str | None = None
 
 
 @dataclass
@@ -91,6 +94,84 @@ def score(truths: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
             'confusion': confusion.tolist()}
 
 
+@dataclass
+class ChangeCount:
+    """How one stream of outputs changed against its ground truth."""
+
+    minutes: float = 0.0
+    changes: int = 0
+    true_changes: int = 0
+    spurious: int = 0
+    switch_delays_s: list[float] = field(default_factory=list)
+    missed_switches: int = 0
+
+    def add(self, stamps: Sequence[float], said: Sequence[str], truths: Sequence[str | None],
+            transition_s: float) -> None:
+        """
+        Count one stream, in stamp order: its changes, the truth's, and how each was met.
+
+        A change is *spurious* when it is further than ``transition_s`` from every change of
+        the truth and is not the switch that follows one (the first output equal to the new
+        truth after a true change; how late that comes is its *switch delay*). A true change
+        whose new label the output never reaches before the next one is a missed switch.
+        """
+        if not stamps:
+            return
+        self.minutes += (stamps[-1] - stamps[0]) / 60.0
+        changes = [index for index in range(1, len(said)) if said[index] != said[index - 1]]
+        labelled = [index for index, truth in enumerate(truths) if truth is not None]
+        real = [index for previous, index in zip(labelled, labelled[1:])
+                if truths[index] != truths[previous]]
+        real_stamps = np.array([stamps[index] for index in real])
+        switches = set()
+        # The stream's start counts as a switch target (a decision starts unknown), but only
+        # true changes have a delay.
+        targets = ([(labelled[0], False)] if labelled else []) + [(index, True) for index in real]
+        for position, (index, timed) in enumerate(targets):
+            until = targets[position + 1][0] if position + 1 < len(targets) else len(said)
+            begin = index
+            while begin > 0 and stamps[begin - 1] >= stamps[index] - transition_s:
+                begin -= 1
+            hit = next((k for k in range(begin, until) if said[k] == truths[index]), None)
+            if hit is None:
+                self.missed_switches += timed
+                continue
+            if hit > 0 and said[hit - 1] != said[hit]:
+                switches.add(hit)
+            if timed:
+                self.switch_delays_s.append(max(stamps[hit] - stamps[index], 0.0))
+        self.changes += len(changes)
+        self.true_changes += len(real)
+        self.spurious += sum(
+            1 for index in changes if index not in switches and (
+                not len(real_stamps)
+                or np.abs(real_stamps - stamps[index]).min() > transition_s))
+
+    def summary(self, prefix: str) -> dict[str, Any]:
+        """Return the counts per minute, and the switch delay's p50 and p95, under ``prefix``."""
+        delays = np.array(self.switch_delays_s)
+        per_minute = (lambda count: count / self.minutes) if self.minutes > 0 else (
+            lambda count: None)
+        return {
+            f'{prefix}changes_per_min': per_minute(self.changes),
+            f'{prefix}spurious_changes_per_min': per_minute(self.spurious),
+            f'{prefix}switch_delay_p50_s': float(np.percentile(delays, 50)) if len(delays)
+            else None,
+            f'{prefix}switch_delay_p95_s': float(np.percentile(delays, 95)) if len(delays)
+            else None,
+            f'{prefix}missed_switches': self.missed_switches,
+        }
+
+
+def _streams(predictions: Iterable[Prediction], by_robot: bool
+             ) -> list[list[Prediction]]:
+    streams: dict[Any, list[Prediction]] = {}
+    for prediction in predictions:
+        key = prediction.bag if by_robot else (prediction.bag, prediction.topic)
+        streams.setdefault(key, []).append(prediction)
+    return [sorted(frames, key=lambda p: p.stamp) for frames in streams.values()]
+
+
 def flicker(predictions: Iterable[Prediction], transition_s: float = 0.5) -> dict[str, Any]:
     """
     Return label changes per minute, predicted and true, over every stream (bag and topic).
@@ -99,33 +180,83 @@ def flicker(predictions: Iterable[Prediction], transition_s: float = 0.5) -> dic
     ``flicker_ratio`` is predicted over true changes: 1 is a model as steady as the truth, 5
     one that changes its mind five times for every real change. ``excess_flicker_per_min``
     counts the changes beyond the truth's number. ``spurious_changes_per_min`` counts the
-    changes further than ``transition_s`` from any change of the truth: flips while the scene
-    stays what it is (a figure crossing), which a navigation stack should never see; a model
-    passing through a third label while one scene fades into the next is not counted there.
+    changes that a navigation stack should never see (``ChangeCount.add``): flips while the
+    scene stays what it is, as when a figure crosses; a model passing through a third label
+    while one scene fades into the next is not counted there.
     """
-    streams: dict[tuple[str, str], list[Prediction]] = {}
-    for prediction in predictions:
-        streams.setdefault((prediction.bag, prediction.topic), []).append(prediction)
-    predicted = true = excess = spurious = 0
-    minutes = 0.0
-    for frames in streams.values():
-        frames.sort(key=lambda p: p.stamp)
-        minutes += (frames[-1].stamp - frames[0].stamp) / 60.0
-        changes = [b.stamp for a, b in zip(frames, frames[1:]) if a.label != b.label]
-        labelled = [p for p in frames if p.truth is not None]
-        real = np.array([b.stamp for a, b in zip(labelled, labelled[1:]) if a.truth != b.truth])
-        predicted, true = predicted + len(changes), true + len(real)
-        excess += max(len(changes) - len(real), 0)
-        spurious += sum(1 for stamp in changes
-                        if not len(real) or np.abs(real - stamp).min() > transition_s)
-    if minutes <= 0:
+    count = ChangeCount()
+    excess = 0
+    for frames in _streams(predictions, by_robot=False):
+        before = count.changes - count.true_changes
+        count.add([p.stamp for p in frames], [p.label for p in frames],
+                  [p.truth for p in frames], transition_s)
+        excess += max(count.changes - count.true_changes - before, 0)
+    if count.minutes <= 0:
         return {'flicker_per_min': None, 'truth_changes_per_min': None,
                 'excess_flicker_per_min': None, 'spurious_changes_per_min': None,
                 'flicker_ratio': None}
-    return {'flicker_per_min': predicted / minutes, 'truth_changes_per_min': true / minutes,
-            'excess_flicker_per_min': excess / minutes,
-            'spurious_changes_per_min': spurious / minutes,
-            'flicker_ratio': predicted / true if true else None}
+    frame = count.summary('')
+    return {'flicker_per_min': frame['changes_per_min'],
+            'truth_changes_per_min': count.true_changes / count.minutes,
+            'excess_flicker_per_min': excess / count.minutes,
+            'spurious_changes_per_min': frame['spurious_changes_per_min'],
+            'switch_delay_p50_s': frame['switch_delay_p50_s'],
+            'switch_delay_p95_s': frame['switch_delay_p95_s'],
+            'flicker_ratio': count.changes / count.true_changes if count.true_changes else None}
+
+
+def decision_changes(predictions: Iterable[Prediction], transition_s: float = 0.5
+                     ) -> dict[str, Any]:
+    """
+    Return how the robot's decided scene changed: one stream per bag (its cameras fused).
+
+    The same counts as ``flicker``'s, under ``decision_``: changes and spurious changes per
+    minute, switch delay p50/p95 after each true change, missed switches, and the decision's
+    accuracy (frames whose decided scene is the true one; ``unknown`` and ``stale`` count
+    as wrong).
+    """
+    count = ChangeCount()
+    right = scored = 0
+    for frames in _streams((p for p in predictions if p.decision is not None), by_robot=True):
+        count.add([p.stamp for p in frames], [p.decision for p in frames],
+                  [p.truth for p in frames], transition_s)
+        right += sum(1 for p in frames if p.truth is not None and p.decision == p.truth)
+        scored += sum(1 for p in frames if p.truth is not None)
+    if count.minutes <= 0:
+        return {}
+    return {**count.summary('decision_'),
+            'decision_accuracy': right / scored if scored else None}
+
+
+def _seconds_text(value: float | None) -> str:
+    return '-' if value is None else f'{value:.2f} s'
+
+
+def change_table(scores: dict[str, Any]) -> str:
+    """
+    Render per-frame labels against the robot's decision: what a navigation stack would see.
+
+    Changes and spurious changes per minute (spurious: further than 0.5 s from a change of
+    the ground truth and not the switch after one), and how long after a true change the
+    output switched to the new scene (p50, p95; missed: never before the next change).
+    """
+    rows = [('per-frame label', scores['flicker_per_min'], scores['spurious_changes_per_min'],
+             scores.get('switch_delay_p50_s'), scores.get('switch_delay_p95_s'), None)]
+    if scores.get('decision_changes_per_min') is not None:
+        rows.append(('robot decision', scores['decision_changes_per_min'],
+                     scores['decision_spurious_changes_per_min'],
+                     scores['decision_switch_delay_p50_s'],
+                     scores['decision_switch_delay_p95_s'], scores['decision_missed_switches']))
+    lines = [f'{"changes per minute":<16}  {"all":>6}  {"spurious":>8}  {"switch p50":>10}  '
+             f'{"p95":>7}  {"missed":>6}   (ground truth '
+             f'{scores["truth_changes_per_min"]:.1f} a minute)']
+    for name, changes, spurious, p50, p95, missed in rows:
+        lines.append(f'{name:<16}  {changes:>6.1f}  {spurious:>8.1f}  {_seconds_text(p50):>10}  '
+                     f'{_seconds_text(p95):>7}  {"-" if missed is None else missed:>6}')
+    if scores.get('decision_accuracy') is not None:
+        lines.append(f'decision accuracy {scores["decision_accuracy"]:.4f} (unknown and stale '
+                     'count as wrong)')
+    return '\n'.join(lines)
 
 
 def format_scores(scores: dict[str, Any]) -> str:
@@ -135,9 +266,7 @@ def format_scores(scores: dict[str, Any]) -> str:
     width = max(len(label) for label in labels + [corner])
     lines = [f'accuracy {scores["accuracy"]:.4f} over {scores["scored_frames"]} labelled frames']
     if scores.get('flicker_per_min') is not None:
-        lines.append(f'flicker {scores["flicker_per_min"]:.1f} label changes per minute, '
-                     f'ground truth {scores["truth_changes_per_min"]:.1f}; spurious (over 0.5 s '
-                     f'from a real change) {scores["spurious_changes_per_min"]:.1f}')
+        lines += ['', change_table(scores)]
     lines += ['', f'{"class":<{width}}  precision  recall  support']
     for label in labels:
         metrics = scores['per_class'][label]
@@ -193,7 +322,7 @@ class PredictionWriter:
         if self.path.suffix == '.csv':
             self._csv = csv.writer(self._handle)
             self._csv.writerow(['bag', 'topic', 'stamp', 'frame_id', 'label', 'score', 'top_k',
-                                'truth'])
+                                'truth', 'decision'])
 
     def write(self, prediction: Prediction) -> None:
         if self._handle is None:
@@ -202,7 +331,8 @@ class PredictionWriter:
             top = ';'.join(f'{label}:{value:.4f}' for label, value in prediction.top_k)
             self._csv.writerow([prediction.bag, prediction.topic, f'{prediction.stamp:.9f}',
                                 prediction.frame_id, prediction.label,
-                                f'{prediction.score:.6f}', top, prediction.truth or ''])
+                                f'{prediction.score:.6f}', top, prediction.truth or '',
+                                prediction.decision or ''])
         else:
             self._handle.write(json.dumps(asdict(prediction)) + '\n')
 
@@ -260,14 +390,19 @@ def evaluate_bags(paths: Sequence[str], engine: EngineBase, *,
                   labels_csv: str | None = None, batch_size: int = 16,
                   predictions_path: str | Path | None = None, top_k: int = 5,
                   smoothing: float = 0.0, smoothing_reset_s: float = 2.0,
+                  decision: DecisionSettings | None = None,
+                  fusion_window_s: float = FUSION_WINDOW_S,
                   progress: bool = True) -> dict[str, Any]:
     """
     Run the engine over every frame; return predictions, counts, throughput and scores.
 
     ``smoothing`` averages each stream's probabilities over time as the node's ``smoothing``
-    parameter does, so a per-frame model can be scored the way it would run.
+    parameter does, so a per-frame model can be scored the way it would run. Each bag is one
+    robot: its cameras are fused and decided on (``decision``, ``fusion_window_s``) as the
+    node's ``navigation.*`` parameters do, frame by frame in stamp order.
     """
     smoother = ProbabilitySmoother(smoothing, smoothing_reset_s)
+    robots: dict[str, RobotDecision] = {}
     if label_topic and labels_csv:
         raise ValueError('give either a label topic or a labels CSV, not both')
     bad = BadFrames()
@@ -311,12 +446,16 @@ def evaluate_bags(paths: Sequence[str], engine: EngineBase, *,
                                    stamps=[record.stamp_ns * 1e-9 for record, _, _ in batch])
             engine_seconds += time.perf_counter() - infer_started
             for (record, _, _), result in zip(batch, results):
-                ranked = smoother.rank((record.bag, record.topic), record.stamp_ns * 1e-9,
-                                       result.probabilities, top_k, engine.labels)
+                estimate, ranked = smoother.rank((record.bag, record.topic),
+                                                 record.stamp_ns * 1e-9, result.probabilities,
+                                                 top_k, engine.labels)
+                robot = robots.setdefault(record.bag, RobotDecision(decision, fusion_window_s))
+                robot.add([(record.topic, record.stamp_ns * 1e-9, estimate)], engine.labels,
+                          now=record.stamp_ns * 1e-9)
                 prediction = Prediction(
                     bag=record.bag, topic=record.topic, stamp=record.stamp_ns * 1e-9,
                     frame_id=record.frame_id, label=ranked[0][0], score=ranked[0][1],
-                    top_k=ranked, truth=record.label)
+                    top_k=ranked, truth=record.label, decision=robot.decision.label)
                 predictions.append(prediction)
                 writer.write(prediction)
             bar.update(len(batch))
@@ -333,6 +472,8 @@ def evaluate_bags(paths: Sequence[str], engine: EngineBase, *,
         'frames_per_s': len(predictions) / elapsed if elapsed else None,
         'engine_frames_per_s': len(predictions) / engine_seconds if engine_seconds else None,
         'engine': engine.describe(), 'smoothing': smoothing,
+        'decision_settings': {**asdict(decision or DecisionSettings()),
+                              'fusion_window_s': fusion_window_s},
     }
     if summary['frames_per_s'] and summary['engine_frames_per_s']:
         summary['throughput_vs_engine'] = summary['frames_per_s'] / summary['engine_frames_per_s']
@@ -345,7 +486,7 @@ def _scores_of(predictions: Sequence[Prediction], labels: Sequence[str]) -> dict
     if not labelled:
         return {'accuracy': None, 'scored_frames': 0}
     return {**score([p.truth for p in labelled], [p.label for p in labelled], labels),
-            **flicker(predictions)}
+            **flicker(predictions), **decision_changes(predictions)}
 
 
 def score_scene_recording(scenes_path: str | Path, bag_path: str, *, label_topic: str | None,
@@ -424,8 +565,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--smoothing', type=float, default=0.0,
                         help="average each stream's probabilities over time with this "
                              "weight, as the node's smoothing parameter does (default: 0)")
+    defaults = DecisionSettings()
+    decision = parser.add_argument_group(
+        "the robot's decision (the node's navigation.* parameters; tune them here on your "
+        'bags, then set them on the robot)')
+    decision.add_argument('--dwell-s', type=float, default=defaults.dwell_s,
+                          help='a new scene must lead this long before the decision changes, '
+                               'as navigation.dwell_s (default: %(default)s)')
+    decision.add_argument('--margin', type=float, default=defaults.margin,
+                          help='... and by this much probability, as navigation.margin '
+                               '(default: %(default)s)')
+    decision.add_argument('--score-threshold', type=float, default=defaults.score_threshold,
+                          help='below this the decision becomes unknown after the dwell, as '
+                               'score_threshold (default: %(default)s)')
+    decision.add_argument('--fusion-window-s', type=float, default=FUSION_WINDOW_S,
+                          help="a camera's newest result counts in the robot's scene this long, "
+                               'as navigation.window_s (default: %(default)s)')
     options.add(parser, '--reset-after-s', '--compile', '--no-progress')
     options.add_engine_arguments(parser)
+
+
+def decision_settings(args: argparse.Namespace) -> DecisionSettings:
+    """Return the decision settings the flags ask for, checked."""
+    settings = DecisionSettings(dwell_s=args.dwell_s, margin=args.margin,
+                                score_threshold=args.score_threshold)
+    settings.check()
+    return settings
 
 
 def main(args: argparse.Namespace) -> int:
@@ -451,7 +616,9 @@ def main(args: argparse.Namespace) -> int:
             result = evaluate_bags(args.bags, engine, topics=args.topics,
                                    label_topic=args.label_topic, labels_csv=args.labels_csv,
                                    batch_size=args.batch_size, predictions_path=args.output,
-                                   smoothing=args.smoothing, progress=not args.no_progress)
+                                   smoothing=args.smoothing, progress=not args.no_progress,
+                                   decision=decision_settings(args),
+                                   fusion_window_s=args.fusion_window_s)
     summary = result['summary']
     print(f'{summary["frames"]} frames from {len(summary["bags"])} bag(s)'
           + (f', {summary["bad_frames"]} bad frames skipped' if summary.get('bad_frames') else '')
