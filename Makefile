@@ -19,10 +19,11 @@ ROS_SOURCES ?= ../shared/ros-sources
 PYTHON310 ?= $(shell for p in $$(command -v python3.10) $$HOME/.pyenv/versions/3.10*/bin/python3.10; \
 	do "$$p" --version >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 PY310_TESTS := test/test_engine_slot.py test/test_engine.py test/test_model.py \
-	test/test_postprocess.py
+	test/test_postprocess.py test/test_navigation.py
 # What a second distro must pass when `make test` runs both: everything that talks to rclpy.
 ROS_FACING_TESTS := test/test_node.py test/test_node_parts.py test/test_layout.py test/test_replay.py \
-	test/test_ros2_tools.py test/test_demo.py test/test_flake8.py test/test_pep257.py
+	test/test_ros2_tools.py test/test_demo.py test/test_navigation.py test/test_navigation_node.py \
+	test/test_flake8.py test/test_pep257.py
 
 ifeq ($(origin ROS_DISTRO),command line)
 DISTROS := $(ROS_DISTRO)

@@ -3,6 +3,7 @@ Launch the perception node with config/perception.yaml and the large-message DDS
 
 For example: ros2 launch cnn_rnn_perception perception.launch.py namespace:=robot1
 image_topics:="['/front/image_raw', '/rear/image_raw/compressed']" device:=cuda autostart:=false
+policy_file:=/path/to/navigation_policy.yaml
 """
 
 import os
@@ -25,7 +26,8 @@ def _node(context, *args, **kwargs):
     overrides = {}
     if value('image_topics'):
         overrides['image_topics'] = yaml.safe_load(value('image_topics'))
-    for name, parameter in (('device', 'device'), ('checkpoint', 'model.checkpoint')):
+    for name, parameter in (('device', 'device'), ('checkpoint', 'model.checkpoint'),
+                            ('policy_file', 'navigation.policy_file')):
         if value(name):
             overrides[parameter] = value(name)
     if value('autostart'):
@@ -55,6 +57,12 @@ def generate_launch_description():
         DeclareLaunchArgument('checkpoint', default_value='',
                               description='Model checkpoint file; empty keeps the params file '
                                           'value'),
+        DeclareLaunchArgument(
+            'policy_file', default_value='',
+            description='Scene policy for Nav2 (speed limit, controller, planner per scene), '
+                        'e.g. the example ' + os.path.join(share, 'config',
+                                                           'navigation_policy.yaml')
+                        + '; empty keeps the params file value'),
         DeclareLaunchArgument('autostart', default_value='',
                               description='true: the node configures and activates itself; '
                                           'false: a lifecycle manager (or ros2 lifecycle set) '

@@ -1,10 +1,11 @@
 """
 What the node publishes, built by small pure functions outside its callbacks.
 
-The scene record (``~/scene``'s JSON), vision_msgs' ``Classification`` and ``LabelInfo``, and
-``/diagnostics``' statuses are each built here from plain values; the node only publishes
-them. vision_msgs is optional (an apt package on a robot, no PyPI wheel): without it
-``VISION_MSGS`` is False and the node says once which outputs are off.
+The scene records (``~/scene``'s and ``~/robot_scene``'s JSON), vision_msgs' ``Classification``
+and ``LabelInfo``, Nav2's ``SpeedLimit``, the debug image and ``/diagnostics``' statuses are
+each built here from plain values; the node only publishes them. vision_msgs and nav2_msgs are
+optional (apt packages on a robot, no PyPI wheel): without them ``VISION_MSGS`` or
+``NAV2_MSGS`` is False and the node says once which outputs are off.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from cnn_rnn_perception.core.engine import StageTimes
+from cnn_rnn_perception.core.navigation import FusedScene, PolicyEntry
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+import numpy as np
+from sensor_msgs.msg import Image
 
 try:  # vision_msgs is an apt package on a ROS install; there is no PyPI wheel.
     from vision_msgs.msg import Classification, LabelInfo, ObjectHypothesis, VisionClass
@@ -20,6 +24,13 @@ try:  # vision_msgs is an apt package on a ROS install; there is no PyPI wheel.
 except ImportError:
     Classification = LabelInfo = None
     VISION_MSGS = False
+
+try:  # nav2_msgs likewise: an apt package on a robot (ros-<distro>-nav2-msgs).
+    from nav2_msgs.msg import SpeedLimit
+    NAV2_MSGS = True
+except ImportError:
+    SpeedLimit = None
+    NAV2_MSGS = False
 
 LEVELS = {0: DiagnosticStatus.OK, 1: DiagnosticStatus.WARN, 2: DiagnosticStatus.ERROR}
 
@@ -93,3 +104,65 @@ def diagnostic_status(name: str, level: int, message: str, hardware_id: str,
     """Return one diagnostic status: the node's, or one camera's."""
     return DiagnosticStatus(level=LEVELS[level], name=name, message=message,
                             hardware_id=hardware_id, values=key_values(values))
+
+
+def robot_scene_record(scene: FusedScene, labels: list[str], k: int, threshold: float,
+                       decision: str, reason: str, since_s: float | None) -> dict[str, Any]:
+    """Return the JSON object ``~/robot_scene`` publishes: the fused scene and the decision."""
+    order = np.argsort(scene.probabilities)[::-1][:k]
+    best = [(labels[i], float(scene.probabilities[i])) for i in order
+            if scene.probabilities[i] >= threshold]
+    sec = int(scene.stamp_s)
+    return {
+        'stamp': {'sec': sec, 'nanosec': int(round((scene.stamp_s - sec) * 1e9)) % 1_000_000_000},
+        'label': best[0][0] if best else None,
+        'score': best[0][1] if best else None,
+        'top_k': [{'label': label, 'score': score} for label, score in best],
+        'cameras': list(scene.cameras),
+        'decision': decision,
+        'decision_reason': reason,
+        'decided_at': since_s,
+    }
+
+
+def speed_limit_message(entry: PolicyEntry, stamp: Any, frame_id: str = ''):
+    """
+    Return the ``nav2_msgs/SpeedLimit`` a policy entry asks for (needs nav2_msgs).
+
+    An entry without a speed limit lifts it: 0.0 is Nav2's "no limit".
+    """
+    message = SpeedLimit()
+    message.header.stamp = stamp
+    message.header.frame_id = frame_id
+    message.percentage = bool(entry.percentage)
+    message.speed_limit = float(entry.speed_limit or 0.0)
+    return message
+
+
+def debug_image_message(frame: np.ndarray, color_order: str, header: Any, lines: list[str]
+                        ) -> Image:
+    """Return a decoded frame with ``lines`` drawn over it, as ``bgr8`` with its header."""
+    import cv2
+
+    if frame.ndim == 2 or frame.shape[2] == 1:
+        canvas = cv2.cvtColor(frame.reshape(frame.shape[:2]), cv2.COLOR_GRAY2BGR)
+    else:
+        canvas = frame[..., :3] if color_order == 'bgr' else frame[..., 2::-1]
+        canvas = np.ascontiguousarray(canvas).copy()
+    scale = max(canvas.shape[0] / 480.0, 0.4)
+    step = int(22 * scale) + 4
+    cv2.rectangle(canvas, (0, 0), (canvas.shape[1], step * len(lines) + 6), (0, 0, 0), -1)
+    for row, text in enumerate(lines):
+        cv2.putText(canvas, text, (6, step * (row + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale,
+                    (255, 255, 255), max(int(scale), 1), cv2.LINE_AA)
+    message = Image(header=header, height=canvas.shape[0], width=canvas.shape[1],
+                    encoding='bgr8', is_bigendian=0, step=canvas.shape[1] * 3)
+    message.data = canvas.tobytes()
+    return message
+
+
+def debug_lines(topic: str, best: list[tuple[str, float]], decision: str, node_ms: float
+                ) -> list[str]:
+    """Return what the debug image says: camera, classes, the robot's decision, latency."""
+    classes = '  '.join(f'{label} {score:.2f}' for label, score in best[:3]) or '(below threshold)'
+    return [f'{topic}: {classes}', f'robot: {decision}', f'receive to publish {node_ms:.1f} ms']

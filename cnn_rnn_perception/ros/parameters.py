@@ -16,10 +16,13 @@ from cnn_rnn_perception.core.engine import (
     BACKENDS, EngineSettings, inspect_model_file, is_exported, parse_device_name, PRECISIONS,
     resolve_device)
 from cnn_rnn_perception.core.model import default_labels, ModelConfig, user_settings
+from cnn_rnn_perception.core.navigation import (
+    DecisionSettings, FUSION_WINDOW_S, load_policy, RobotDecision)
 from cnn_rnn_perception.core.sample_frames import NAVIGATION_LABELS
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
 RELIABILITIES = ('best_effort', 'reliable')
+_DECISION = DecisionSettings()
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,9 @@ _NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
                   minimum=0.0, maximum=1000.0),
     ParameterSpec('top_k', 5, 'Classes published per frame.', live=True, minimum=1,
                   maximum=1000),
-    ParameterSpec('score_threshold', 0.0, 'Classes scoring below this are not published.',
+    ParameterSpec('score_threshold', 0.0, 'Classes scoring below this are not published; '
+                  "the robot's decision becomes unknown when its best class stays below this "
+                  'for navigation.dwell_s.',
                   live=True, minimum=0.0, maximum=1.0),
     ParameterSpec('smoothing', 0.0, "Exponential moving average weight of each camera's "
                   'class history; 0 = off.', live=True, minimum=0.0, maximum=0.99),
@@ -77,6 +82,36 @@ _NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec('silent_after_s', 2.0, 'Diagnostics warn when a camera sends nothing for '
                   'this long, and report an error when frames arrive but none is classified '
                   'for this long.', live=True, minimum=0.1, maximum=3600.0),
+    # The robot's decided scene and what it asks of Nav2 (core.navigation).
+    ParameterSpec('navigation.policy_file', '', 'YAML file mapping each scene, unknown and '
+                  'stale to a Nav2 speed limit, controller and planner (see '
+                  'config/navigation_policy.yaml). Empty: ~/robot_scene only, nothing sent to '
+                  'Nav2. Checked against the labels when set.', live=True),
+    ParameterSpec('navigation.dwell_s', _DECISION.dwell_s, 'A new scene must lead this long '
+                  '(by frame stamps) before the decision changes; also how long the score must '
+                  'stay below score_threshold before it becomes unknown.', live=True,
+                  minimum=0.0, maximum=60.0),
+    ParameterSpec('navigation.margin', _DECISION.margin, "... and lead the decided scene's "
+                  'probability by this much, frame after frame.', live=True, minimum=0.0,
+                  maximum=1.0),
+    ParameterSpec('navigation.window_s', FUSION_WINDOW_S, "A camera's newest result counts in "
+                  "the robot's scene while it is at most this much older than the newest "
+                  "camera's, weighted down with age.", live=True, minimum=0.01, maximum=10.0),
+    ParameterSpec('navigation.stale_after_s', 1.0, 'No camera classified for this long: the '
+                  "decision becomes stale and the policy's stale entry is sent.", live=True,
+                  minimum=0.1, maximum=60.0),
+    ParameterSpec('navigation.republish_s', 1.0, 'The speed limit is sent again this often '
+                  '(it is also sent at once on every decided change).', live=True, minimum=0.1,
+                  maximum=60.0),
+    ParameterSpec('navigation.speed_limit_topic', 'speed_limit', 'nav2_msgs/SpeedLimit out, as '
+                  "Nav2 controller_server's speed_limit_topic.", read_only=True),
+    ParameterSpec('navigation.controller_selector_topic', 'controller_selector',
+                  "std_msgs/String out, read by Nav2's ControllerSelector BT node.",
+                  read_only=True),
+    ParameterSpec('navigation.planner_selector_topic', 'planner_selector', 'std_msgs/String '
+                  "out, read by Nav2's PlannerSelector BT node.", read_only=True),
+    ParameterSpec('debug_image.max_rate_hz', 5.0, 'Most ~/debug_image frames a second; drawn '
+                  'only while someone subscribes.', live=True, minimum=0.1, maximum=100.0),
 )
 
 
@@ -161,6 +196,26 @@ def validate(changes: dict[str, Any], current: dict[str, Any], *,
             except ValueError as error:
                 return str(error)
     return None
+
+
+def policy_problem(path: str, labels: list[str]) -> str | None:
+    """Return why a policy file cannot be used with these labels, or None."""
+    if not path:
+        return None
+    try:
+        load_policy(path, labels)
+    except ValueError as error:
+        return f'navigation.policy_file: {error}'
+    return None
+
+
+def configure_decision(robot: RobotDecision, values: dict[str, Any]) -> None:
+    """Apply the navigation.* and score_threshold parameters to a robot's decision."""
+    robot.configure(DecisionSettings(dwell_s=values['navigation.dwell_s'],
+                                     margin=values['navigation.margin'],
+                                     score_threshold=values['score_threshold']),
+                    window_s=values['navigation.window_s'],
+                    stale_after_s=values['navigation.stale_after_s'])
 
 
 def validate_startup(values: dict[str, Any]) -> str | None:

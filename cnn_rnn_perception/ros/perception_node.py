@@ -10,7 +10,11 @@ keeps the running engine classifying until its replacement is ready, or for good
 
 Image callbacks only store the newest frame of each camera; one supervised worker thread takes
 the newest frame of every camera and runs them as one batch, so there is never a backlog.
-Every output carries the source image's header.
+Every per-frame output carries the source image's header.
+
+After each batch the cameras' results are fused into the robot's scene and decided on
+(``core.navigation``); a decided change, and staleness found by a steady-clock timer, send what
+the scene policy asks of Nav2 (a speed limit, a controller, a planner).
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ from typing import Any, Callable
 
 from cnn_rnn_perception.core.engine import create_engine, inspect_model_file, precision_name
 from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
+from cnn_rnn_perception.core.navigation import load_policy, RobotDecision, ScenePolicy, STALE
 from cnn_rnn_perception.core.postprocess import ProbabilitySmoother
 from cnn_rnn_perception.ros.cameras import (
     CameraStats, LatestFrames, RateLimitedLog, run_supervised, stuck_after_s)
 from cnn_rnn_perception.ros.engine_slot import EngineSlot, LoadedModel
 from cnn_rnn_perception.ros.outputs import (
-    Classification, classification_message, diagnostic_status, label_info_message, LabelInfo,
-    scene_record, stamp_now, VISION_MSGS)
+    Classification, classification_message, debug_image_message, debug_lines,
+    diagnostic_status, label_info_message, LabelInfo, NAV2_MSGS, robot_scene_record,
+    scene_record, speed_limit_message, SpeedLimit, stamp_now, VISION_MSGS)
 from cnn_rnn_perception.ros.parameters import (
-    choose_labels, compiles, descriptor, engine_settings, model_config, needs_reload, PARAMETERS,
-    RELOAD_HINT, RESUBSCRIBE, SPECS, validate, validate_startup)
+    choose_labels, compiles, configure_decision, descriptor, engine_settings, model_config,
+    needs_reload, PARAMETERS, policy_problem, RELOAD_HINT, RESUBSCRIBE, SPECS, validate,
+    validate_startup)
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
@@ -48,7 +55,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import String
+from std_msgs.msg import Header, String
 
 try:  # Iron and later
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -57,6 +64,14 @@ except ImportError:  # Humble
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
+# Nav2's conventions: controller_server subscribes to the speed limit reliable and volatile
+# (depth 10, as Nav2's own SpeedFilter publishes it); the BT selector nodes ask for reliable,
+# transient local, so a tree started later still gets the choice.
+SPEED_LIMIT_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.VOLATILE)
+SELECTOR_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+NAVIGATION_TICK_S = 0.05
 
 
 def _seconds(stamp: Any) -> float:
@@ -103,8 +118,12 @@ class PerceptionNode(LifecycleNode):
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._outputs: dict[str, Any] = {}
         if not VISION_MSGS:
-            self.get_logger().info('vision_msgs is not installed: ~/classification and '
-                                   '~/label_info are off; ~/scene carries every result')
+            self.get_logger().info('vision_msgs is not installed: ~/classification, '
+                                   '~/robot_classification and ~/label_info are off; ~/scene and '
+                                   '~/robot_scene carry every result')
+        if not NAV2_MSGS:
+            self.get_logger().info('nav2_msgs is not installed: the speed limit output is off; '
+                                   'the controller and planner selectors stay on')
         self._state = 'unconfigured'
         self._values: dict[str, Any] = {}
         # The parameters of the engine built last (running, or still being built): a reload
@@ -121,6 +140,14 @@ class PerceptionNode(LifecycleNode):
         self._worker_errors = 0
         self._worker_restarts = 0
         self._smoother = ProbabilitySmoother()
+        # The robot's decided scene and what it asks of Nav2. The send lock keeps a decided
+        # change and the timer's staleness in order: what Nav2 gets last is what holds.
+        self._robot = RobotDecision()
+        self._policy: ScenePolicy | None = None
+        self._send_lock = threading.Lock()
+        self._speed_limit_sent_at = 0.0
+        self._debug_image_at = 0.0
+        self._debug_turn = 0
         self._live_lock = threading.Lock()
         self._live_changes: dict[str, Any] = {}
         self._rejection_log = RateLimitedLog(period_s=5.0)
@@ -136,6 +163,10 @@ class PerceptionNode(LifecycleNode):
         # replayed without --clock), which is exactly when an operator needs them.
         self._diagnostics_timer = self.create_timer(
             1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        # Staleness must be found within navigation.stale_after_s + 0.2 s, on any clock.
+        self._navigation_timer = self.create_timer(
+            NAVIGATION_TICK_S, self._navigation_tick,
+            clock=Clock(clock_type=ClockType.STEADY_TIME))
         if self.get_parameter('autostart').value:
             self._post(self._autostart)
 
@@ -162,8 +193,12 @@ class PerceptionNode(LifecycleNode):
     def _on_set_parameters(self, parameters: list) -> SetParametersResult:
         changes = {p.name: _plain(p.value) for p in parameters if p.name in SPECS}
         reason = validate(changes, self._parameter_values())
+        if not reason and changes.get('navigation.policy_file') and self._state != 'unconfigured':
+            reason = policy_problem(changes['navigation.policy_file'], self._labels)
         if reason:
             return SetParametersResult(successful=False, reason=reason)
+        if any(name.startswith('navigation.') or name == 'score_threshold' for name in changes):
+            self._post(self._configure_navigation)
         reload = needs_reload(changes, self._target) if self._target else []
         if reload and self._state in ('inactive', 'active'):
             self.get_logger().info(f'{", ".join(reload)} changed: {RELOAD_HINT}')
@@ -201,7 +236,9 @@ class PerceptionNode(LifecycleNode):
             self._subscribe_all()
         for topic in set(self._stats) - set(self._values['image_topics']):
             del self._stats[topic]
+            self._robot.fusion.forget(topic)
         self._publish_label_info()
+        self._configure_navigation()
 
     @staticmethod
     def _labels_for(values: dict[str, Any]) -> list[str]:
@@ -215,7 +252,8 @@ class PerceptionNode(LifecycleNode):
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         """Validate every parameter and read the checkpoint's header; no model loads yet."""
         values = self._parameter_values()
-        reason = validate_startup(values)
+        reason = validate_startup(values) or policy_problem(
+            values['navigation.policy_file'], self._labels_for(values))
         if reason:
             self._problem = (2, f'configure failed: {reason}')
             self.get_logger().error(f'configure failed: {reason}')
@@ -239,6 +277,7 @@ class PerceptionNode(LifecycleNode):
         # classified, not overwritten while the model loads. The parameters as they are now:
         # a reload whose build a deactivate abandoned is built here.
         values = self._parameter_values()
+        self._robot = RobotDecision(now=time.monotonic())  # unknown until a scene has dwelt
         self._adopt_values(values)
         self._target = values
         self._slot.build(values, compiled=compiles(values))
@@ -246,11 +285,13 @@ class PerceptionNode(LifecycleNode):
         self._start_worker()
         result = super().on_activate(state)  # activates the output publishers
         self._publish_label_info()
+        self._send_decision(changed=True)  # Nav2 hears "unknown" from the start
         return result
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
-        """Stop inference and release the model's device memory."""
+        """Stop inference, send the stale policy, and release the model's device memory."""
         self._stop_inference()
+        self._fail_safe('the node was deactivated')
         self._state = 'inactive'
         return super().on_deactivate(state)
 
@@ -265,8 +306,9 @@ class PerceptionNode(LifecycleNode):
         return SUCCESS
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
-        """Stop everything before the node goes away."""
+        """Stop everything before the node goes away; Nav2 hears stale first."""
         self._stop_inference()
+        self._fail_safe('the node is shutting down')
         self._state = 'finalized'
         return SUCCESS
 
@@ -284,7 +326,21 @@ class PerceptionNode(LifecycleNode):
             # Transient local, as vision_msgs asks: a consumer that starts later gets it.
             self._outputs['label_info'] = self.create_lifecycle_publisher(
                 LabelInfo, '~/label_info',
-                QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+                QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                           durability=DurabilityPolicy.TRANSIENT_LOCAL))
+            self._outputs['robot_classification'] = self.create_lifecycle_publisher(
+                Classification, '~/robot_classification', 10)
+        self._outputs['robot_scene'] = self.create_lifecycle_publisher(
+            String, '~/robot_scene', 10)
+        self._outputs['debug_image'] = self.create_lifecycle_publisher(
+            Image, '~/debug_image', 1)
+        topic = self.get_parameter
+        if NAV2_MSGS:
+            self._outputs['speed_limit'] = self.create_lifecycle_publisher(
+                SpeedLimit, topic('navigation.speed_limit_topic').value, SPEED_LIMIT_QOS)
+        for key in ('controller', 'planner'):
+            self._outputs[f'{key}_selector'] = self.create_lifecycle_publisher(
+                String, topic(f'navigation.{key}_selector_topic').value, SELECTOR_QOS)
 
     def _destroy_outputs(self) -> None:
         for publisher in self._outputs.values():
@@ -294,6 +350,8 @@ class PerceptionNode(LifecycleNode):
     def destroy_node(self) -> None:
         """Stop the worker and any engine build, say so in /diagnostics, then go."""
         self._stop_inference()
+        if self._state == 'active':  # Ctrl-C or SIGTERM with no lifecycle transition first
+            self._fail_safe('the node is shutting down')
         # A build thread still inside torch when the interpreter exits aborts the process
         # ("terminate called without an active exception"): let it finish; its engine is
         # thrown away. An eager build takes about a second; a compile can take longer.
@@ -539,9 +597,17 @@ class PerceptionNode(LifecycleNode):
                     handled.add(topic)
                 return
             labels = model.labels
-        for (topic, msg, received_at, _, _), result in zip(batch, results):
-            self._publish_result(topic, msg.header, received_at, result, labels)
+        estimates = []
+        debug_turn = self._debug_turn % len(batch)
+        for position, ((topic, msg, received_at, frame, order), result) in enumerate(
+                zip(batch, results)):
+            estimate, best, node_ms = self._publish_result(topic, msg.header, received_at,
+                                                           result, labels)
             handled.add(topic)
+            estimates.append((topic, _seconds(msg.header.stamp), estimate))
+            if position == debug_turn:
+                self._maybe_debug_image(topic, msg.header, frame, order, best, node_ms)
+        self._decide(estimates, labels)
 
     def _reject(self, topic: str, reason: str) -> None:
         self._stats[topic].on_rejected(reason)
@@ -550,10 +616,10 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().warning(f'{topic}: frame rejected: {reason}')
 
     def _publish_result(self, topic: str, header: Any, received_at: float, result: Any,
-                        labels: list[str]) -> None:
-        best = self._smoother.rank(topic, _seconds(header.stamp), result.probabilities,
-                                   int(self._values['top_k']), labels,
-                                   float(self._values['score_threshold']))
+                        labels: list[str]) -> tuple[Any, list[tuple[str, float]], float]:
+        estimate, best = self._smoother.rank(topic, _seconds(header.stamp),
+                                             result.probabilities, int(self._values['top_k']),
+                                             labels, float(self._values['score_threshold']))
         node_ms = (time.monotonic() - received_at) * 1e3
         scene = scene_record(topic, (header.stamp.sec, header.stamp.nanosec), header.frame_id,
                              best, result.times, node_ms)
@@ -562,6 +628,109 @@ class PerceptionNode(LifecycleNode):
             self._outputs['classification'].publish(
                 classification_message(header, best, labels))
         self._stats[topic].on_classified(node_ms)
+        return estimate, best, node_ms
+
+    # -- the robot's decision and what it asks of Nav2 --------------------------------------
+
+    def _decide(self, estimates: list, labels: list[str]) -> None:
+        """Fuse a batch's cameras into the robot's scene, decide, and send what changed."""
+        with self._send_lock:
+            changed = self._robot.add(estimates, labels, time.monotonic())
+            label, reason, scene = self._robot.snapshot()
+            if changed:
+                self.get_logger().info(f'decided scene: {label} ({reason})')
+                self._send_decision(changed=True)
+        if scene is None:
+            return
+        k, threshold = int(self._values['top_k']), float(self._values['score_threshold'])
+        record = robot_scene_record(scene, labels, k, threshold, label, reason,
+                                    self._robot.decision.since_s)
+        self._outputs['robot_scene'].publish(String(data=json.dumps(record)))
+        if VISION_MSGS:
+            header = Header(stamp=Time(seconds=scene.stamp_s).to_msg())
+            best = [(entry['label'], entry['score']) for entry in record['top_k']]
+            self._outputs['robot_classification'].publish(
+                classification_message(header, best, labels))
+
+    def _send_decision(self, changed: bool) -> None:
+        """
+        Send what the policy asks for the decided state.
+
+        The speed limit every time (a timer also re-sends it); the controller and planner
+        only when the decision changed.
+        """
+        policy, label = self._policy, self._robot.decision.label
+        if policy is None or self._state != 'active':
+            return
+        entry = policy.entry(label)
+        if 'speed_limit' in self._outputs and policy.uses('speed_limit'):
+            self._outputs['speed_limit'].publish(speed_limit_message(entry, self._stamp()))
+            self._speed_limit_sent_at = time.monotonic()
+        for key in ('controller', 'planner') if changed else ():
+            name = getattr(entry, key)
+            if name is not None:
+                self._outputs[f'{key}_selector'].publish(String(data=name))
+
+    def _fail_safe(self, reason: str) -> None:
+        """Make the decision stale and send the policy's stale entry, delivered if possible."""
+        if self._state != 'active':
+            return
+        with self._send_lock:
+            self._robot.force_stale(reason)
+            self._send_decision(changed=True)
+        # The publishers go inactive (or away) right after this: let reliable readers have it.
+        for key in ('speed_limit', 'controller_selector', 'planner_selector'):
+            if key in self._outputs:
+                self._outputs[key].wait_for_all_acked(Duration(seconds=0.5))
+
+    def _navigation_tick(self) -> None:
+        """Find staleness in time and re-send the speed limit; on the steady clock."""
+        if self._state != 'active':
+            return
+        now = time.monotonic()
+        with self._send_lock:
+            if self._robot.check_stale(now):
+                self.get_logger().warning(
+                    f'decided scene: {STALE} ({self._robot.decision.reason})')
+                self._send_decision(changed=True)
+            elif (now - self._speed_limit_sent_at
+                  >= self.get_parameter('navigation.republish_s').value):
+                self._send_decision(changed=False)
+
+    def _configure_navigation(self) -> None:
+        """Apply the navigation parameters; a new policy file is sent at once."""
+        values = self._parameter_values()
+        configure_decision(self._robot, values)
+        path = values['navigation.policy_file']
+        source = self._policy.source if self._policy is not None else ''
+        if path == source:
+            return
+        try:
+            self._policy = load_policy(path, self._labels) if path else None
+        except ValueError as error:  # the labels changed under it (a new checkpoint)
+            self._policy = None
+            self._problem = (1, f'navigation.policy_file no longer applies: {error}')
+            self.get_logger().error(f'{error}; nothing is sent to Nav2 until it is fixed')
+            return
+        if path:
+            self.get_logger().info(f'scene policy {path}: ' + '; '.join(
+                f'{state}: {entry.describe()}' for state, entry in self._policy.entries.items()))
+        with self._send_lock:
+            self._send_decision(changed=True)
+
+    def _maybe_debug_image(self, topic: str, header: Any, frame: Any, order: str,
+                           best: list[tuple[str, float]], node_ms: float) -> None:
+        """Draw a camera's frame (each in turn) while someone watches, at most at the set rate."""
+        publisher = self._outputs['debug_image']
+        now = time.monotonic()
+        if (publisher.get_subscription_count() == 0
+                or now - self._debug_image_at < 1.0 / self._values['debug_image.max_rate_hz']):
+            return
+        self._debug_turn += 1
+        self._debug_image_at = now
+        label = self._robot.decision.label
+        publisher.publish(debug_image_message(frame, order, header,
+                                              debug_lines(topic, best, label, node_ms)))
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -625,7 +794,23 @@ class PerceptionNode(LifecycleNode):
                                 state_started_by=memory[topic].reason)
             array.status.append(diagnostic_status(f'{name}: {topic}', level, message,
                                                   hardware_id, {**snapshot, **common}))
+        if self._state == 'active':
+            array.status.append(self._decision_status(f'{name}: robot scene', hardware_id))
         self._diagnostics_pub.publish(array)
+
+    def _decision_status(self, name: str, hardware_id: str):
+        """Return the robot's decision for /diagnostics: its state, why, and what Nav2 gets."""
+        label, reason, scene = self._robot.snapshot()
+        policy = self._policy
+        values = {'decision': label, 'reason': reason,
+                  'cameras': ' '.join(scene.cameras) if scene is not None else '',
+                  'policy_file': policy.source if policy is not None else '',
+                  'speed_limit_output': ('on' if NAV2_MSGS else 'off: nav2_msgs is not '
+                                         'installed') if policy is not None else 'no policy'}
+        if policy is not None:
+            values['policy_entry'] = policy.entry(label).describe()
+        level = 1 if label == STALE else 0
+        return diagnostic_status(name, level, f'decision {label}: {reason}', hardware_id, values)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
