@@ -11,9 +11,9 @@ import time
 from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
 from cnn_rnn_perception.core.image_conversion import message_to_frame
 from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, save_checkpoint
+from cnn_rnn_perception.core.navigation import UNKNOWN
 from cnn_rnn_perception.core.sample_frames import camera_frame
 from cnn_rnn_perception.tools.bags import BadMessage, BagError, BagSource, BagWriter, Labels
-from cnn_rnn_perception.core.navigation import UNKNOWN
 from cnn_rnn_perception.tools.evaluate import (
     ChangeCount, decision_changes, evaluate_bags, flicker, NO_LABEL, Prediction, score,
     score_scene_recording)
@@ -291,15 +291,19 @@ def test_evaluate_runs_a_temporal_model_along_each_topic_as_the_node_would(tmp_p
     assert result['summary']['flicker_per_min'] is not None
 
 
-def test_change_count_tells_spurious_changes_from_switches_and_measures_the_delay():
+def test_change_count_counts_spurious_changes_and_measures_the_switch_delay():
     stamps = [index / 10 for index in range(60)]
     truths = ['a'] * 30 + ['b'] * 30
-    said = ['a'] * 10 + ['c'] * 2 + ['a'] * 18 + ['a'] * 8 + ['b'] * 22
+    said = ['a'] * 10 + ['c'] * 2 + ['a'] * 18 + ['a'] * 4 + ['b'] * 26
     count = ChangeCount()
     count.add(stamps, said, truths, transition_s=0.5)
-    # a->c and c->a are spurious (far from the change at 3.0 s); a->b at 3.8 s is the switch.
+    # a->c and c->a are spurious (far from the change at 3.0 s); a->b at 3.4 s is the switch.
     assert (count.changes, count.spurious, count.true_changes) == (3, 2, 1)
-    assert count.switch_delays_s == [pytest.approx(0.8)]
+    assert count.switch_delays_s == [pytest.approx(0.4)]
+    late = ChangeCount()
+    late.add(stamps, ['a'] * 38 + ['b'] * 22, truths, transition_s=0.5)
+    # A switch later than 0.5 s is both late (its delay) and a change far from the truth's.
+    assert late.switch_delays_s == [pytest.approx(0.8)] and late.spurious == 1
     missed = ChangeCount()
     missed.add(stamps, ['a'] * 60, truths, transition_s=0.5)
     assert missed.missed_switches == 1 and missed.spurious == 0

@@ -111,9 +111,10 @@ class ChangeCount:
         Count one stream, in stamp order: its changes, the truth's, and how each was met.
 
         A change is *spurious* when it is further than ``transition_s`` from every change of
-        the truth and is not the switch that follows one (the first output equal to the new
-        truth after a true change; how late that comes is its *switch delay*). A true change
-        whose new label the output never reaches before the next one is a missed switch.
+        the truth (and from the stream's start, where a decision leaves ``unknown``). After
+        each true change, the *switch delay* is how long until the output first equals the
+        new truth (0 when it already did within ``transition_s`` before); a true change whose
+        new label the output never reaches before the next one is a missed switch.
         """
         if not stamps:
             return
@@ -122,30 +123,21 @@ class ChangeCount:
         labelled = [index for index, truth in enumerate(truths) if truth is not None]
         real = [index for previous, index in zip(labelled, labelled[1:])
                 if truths[index] != truths[previous]]
-        real_stamps = np.array([stamps[index] for index in real])
-        switches = set()
-        # The stream's start counts as a switch target (a decision starts unknown), but only
-        # true changes have a delay.
-        targets = ([(labelled[0], False)] if labelled else []) + [(index, True) for index in real]
-        for position, (index, timed) in enumerate(targets):
-            until = targets[position + 1][0] if position + 1 < len(targets) else len(said)
+        for position, index in enumerate(real):
+            until = real[position + 1] if position + 1 < len(real) else len(said)
             begin = index
             while begin > 0 and stamps[begin - 1] >= stamps[index] - transition_s:
                 begin -= 1
             hit = next((k for k in range(begin, until) if said[k] == truths[index]), None)
             if hit is None:
-                self.missed_switches += timed
-                continue
-            if hit > 0 and said[hit - 1] != said[hit]:
-                switches.add(hit)
-            if timed:
+                self.missed_switches += 1
+            else:
                 self.switch_delays_s.append(max(stamps[hit] - stamps[index], 0.0))
+        moments = np.array([stamps[0]] + [stamps[index] for index in real])
         self.changes += len(changes)
         self.true_changes += len(real)
-        self.spurious += sum(
-            1 for index in changes if index not in switches and (
-                not len(real_stamps)
-                or np.abs(real_stamps - stamps[index]).min() > transition_s))
+        self.spurious += sum(1 for index in changes
+                             if np.abs(moments - stamps[index]).min() > transition_s)
 
     def summary(self, prefix: str) -> dict[str, Any]:
         """Return the counts per minute, and the switch delay's p50 and p95, under ``prefix``."""
@@ -202,6 +194,7 @@ def flicker(predictions: Iterable[Prediction], transition_s: float = 0.5) -> dic
             'spurious_changes_per_min': frame['spurious_changes_per_min'],
             'switch_delay_p50_s': frame['switch_delay_p50_s'],
             'switch_delay_p95_s': frame['switch_delay_p95_s'],
+            'missed_switches': frame['missed_switches'],
             'flicker_ratio': count.changes / count.true_changes if count.true_changes else None}
 
 
@@ -237,11 +230,12 @@ def change_table(scores: dict[str, Any]) -> str:
     Render per-frame labels against the robot's decision: what a navigation stack would see.
 
     Changes and spurious changes per minute (spurious: further than 0.5 s from a change of
-    the ground truth and not the switch after one), and how long after a true change the
-    output switched to the new scene (p50, p95; missed: never before the next change).
+    the ground truth), and how long after a true change the output switched to the new scene
+    (p50, p95; missed: never before the next change).
     """
     rows = [('per-frame label', scores['flicker_per_min'], scores['spurious_changes_per_min'],
-             scores.get('switch_delay_p50_s'), scores.get('switch_delay_p95_s'), None)]
+             scores.get('switch_delay_p50_s'), scores.get('switch_delay_p95_s'),
+             scores.get('missed_switches'))]
     if scores.get('decision_changes_per_min') is not None:
         rows.append(('robot decision', scores['decision_changes_per_min'],
                      scores['decision_spurious_changes_per_min'],
