@@ -145,14 +145,18 @@ def test_nav2_gets_the_drives_scenes_within_the_switch_delay_and_stale_when_it_s
         decisions = [scene['decision'] for scene in scenes]
         truths = _truths(held_out, [scene['stamp'] for scene in scenes])
         # Every true scene change is followed by the decision within 1 s of stamps, and the
-        # decision never changes while a scene stays (figures cross the view meanwhile).
+        # decision never changes to anything but the true scene (figures cross the view
+        # meanwhile; a per-frame label flips while they do).
         from cnn_rnn_perception.tools.evaluate import ChangeCount
         count = ChangeCount()
         stamps = [scene['stamp']['sec'] + scene['stamp']['nanosec'] * 1e-9 for scene in scenes]
         count.add(stamps, decisions, truths, transition_s=0.5)
         assert count.true_changes == 5 and count.missed_switches == 0, decisions
         assert max(count.switch_delays_s) <= 1.0, count.switch_delays_s
-        assert count.spurious == 0, list(zip(stamps, decisions, truths))
+        wrong = [(stamp, decided, truth) for stamp, decided, truth, before in
+                 zip(stamps[1:], decisions[1:], truths[1:], decisions)
+                 if decided != before and decided != truth]
+        assert not wrong, wrong
 
         # What Nav2 received follows the decisions: each decided change its speed limit and,
         # where the policy names them, its controller and planner; then stale's.
