@@ -238,6 +238,13 @@ def test_deactivate_sends_stale_before_the_transition_completes(tmp_path, traine
         wait_for(lambda: listener.robot_scenes
                  and listener.robot_scenes[-1][1]['decision'] == 'corridor', 60,
                  'the decision to settle on corridor')
+        # A policy is reloadable live, and checked first: a typo is refused with the reason.
+        typo = tmp_path / 'typo.yaml'
+        typo.write_text(POLICY.read_text().replace('corridor:', 'coridor:'))
+        refused = harness.set_parameter('navigation.policy_file', str(typo))
+        assert not refused.successful and "'coridor' is not a label" in refused.reason
+        assert harness.set_parameter('navigation.policy_file', str(POLICY)).successful
+
         requested = time.time()
         assert harness.change_state(Transition.TRANSITION_DEACTIVATE)
         completed = time.time()
