@@ -144,6 +144,7 @@ class PerceptionNode(LifecycleNode):
         # change and the timer's staleness in order: what Nav2 gets last is what holds.
         self._robot = RobotDecision()
         self._policy: ScenePolicy | None = None
+        self._policy_checked: tuple[str, list[str]] = ('', [])
         self._send_lock = threading.Lock()
         self._speed_limit_sent_at = 0.0
         self._debug_image_at = 0.0
@@ -702,9 +703,10 @@ class PerceptionNode(LifecycleNode):
         values = self._parameter_values()
         configure_decision(self._robot, values)
         path = values['navigation.policy_file']
-        source = self._policy.source if self._policy is not None else ''
-        if path == source:
+        # A new checkpoint may bring other labels: the same file is checked against them.
+        if (path, self._labels) == self._policy_checked:
             return
+        self._policy_checked = (path, list(self._labels))
         try:
             self._policy = load_policy(path, self._labels) if path else None
         except ValueError as error:  # the labels changed under it (a new checkpoint)
