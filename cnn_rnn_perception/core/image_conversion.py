@@ -143,6 +143,22 @@ def compressed_to_frame(msg: Any) -> tuple[np.ndarray, str]:
     return frame, 'bgr'
 
 
+def annotated_bgr(frame: np.ndarray, color_order: str, lines: list[str]) -> np.ndarray:
+    """Return a decoded frame as a new BGR picture with ``lines`` of text drawn at its top."""
+    if frame.ndim == 2 or frame.shape[2] == 1:
+        canvas = cv2.cvtColor(frame.reshape(frame.shape[:2]), cv2.COLOR_GRAY2BGR)
+    else:
+        canvas = frame[..., :3] if color_order == 'bgr' else frame[..., 2::-1]
+        canvas = np.ascontiguousarray(canvas).copy()
+    scale = max(canvas.shape[0] / 480.0, 0.4)
+    step = int(22 * scale) + 4
+    cv2.rectangle(canvas, (0, 0), (canvas.shape[1], step * len(lines) + 6), (0, 0, 0), -1)
+    for row, text in enumerate(lines):
+        cv2.putText(canvas, text, (6, step * (row + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale,
+                    (255, 255, 255), max(int(scale), 1), cv2.LINE_AA)
+    return canvas
+
+
 def message_to_frame(msg: Any) -> tuple[np.ndarray, str]:
     """Convert an Image or CompressedImage message; raises ImageRejected with the reason."""
     if hasattr(msg, 'encoding'):

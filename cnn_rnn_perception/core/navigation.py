@@ -28,6 +28,7 @@ import numpy as np
 
 UNKNOWN = 'unknown'
 STALE = 'stale'
+FUSION_WINDOW_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class SceneFusion:
     camera that lags a few frames still speaks, one that stopped fades out of the scene.
     """
 
-    def __init__(self, window_s: float = 0.5) -> None:
+    def __init__(self, window_s: float = FUSION_WINDOW_S) -> None:
         self._newest: dict[str, tuple[float, np.ndarray]] = {}
         self.configure(window_s)
 
@@ -160,8 +161,8 @@ class SceneDecision:
 
     def mark_stale(self, stamp_s: float | None, reason: str) -> bool:
         """Make the decision ``stale`` now; return True when it was not already."""
-        self._candidate = None
         if self.label == STALE:
+            self._candidate = None
             return False
         self._set(STALE, stamp_s, reason)
         return True
@@ -169,9 +170,6 @@ class SceneDecision:
     def _set(self, label: str, stamp_s: float | None, reason: str) -> None:
         self.label, self.since_s, self.reason = label, stamp_s, reason
         self._candidate = None
-
-
-FUSION_WINDOW_S = 0.5
 
 
 class RobotDecision:
@@ -233,10 +231,11 @@ class RobotDecision:
         stamp = self.scene.stamp_s if self.scene is not None else None
         return self.decision.mark_stale(stamp, reason)
 
-    def snapshot(self) -> tuple[str, str, FusedScene | None]:
-        """Return (decided label, why, the latest fused scene), consistently."""
+    def snapshot(self) -> tuple[str, str, float | None, FusedScene | None]:
+        """Return (decided label, why, since when, the latest fused scene), consistently."""
         with self._lock:
-            return self.decision.label, self.decision.reason, self.scene
+            decision = self.decision
+            return decision.label, decision.reason, decision.since_s, self.scene
 
 
 POLICY_OUTPUTS = ('speed_limit', 'percentage', 'controller', 'planner')

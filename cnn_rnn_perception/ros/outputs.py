@@ -106,12 +106,9 @@ def diagnostic_status(name: str, level: int, message: str, hardware_id: str,
                             hardware_id=hardware_id, values=key_values(values))
 
 
-def robot_scene_record(scene: FusedScene, labels: list[str], k: int, threshold: float,
-                       decision: str, reason: str, since_s: float | None) -> dict[str, Any]:
+def robot_scene_record(scene: FusedScene, best: list[tuple[str, float]], decision: str,
+                       reason: str, since_s: float | None) -> dict[str, Any]:
     """Return the JSON object ``~/robot_scene`` publishes: the fused scene and the decision."""
-    order = np.argsort(scene.probabilities)[::-1][:k]
-    best = [(labels[i], float(scene.probabilities[i])) for i in order
-            if scene.probabilities[i] >= threshold]
     sec = int(scene.stamp_s)
     return {
         'stamp': {'sec': sec, 'nanosec': int(round((scene.stamp_s - sec) * 1e9)) % 1_000_000_000},
@@ -139,22 +136,8 @@ def speed_limit_message(entry: PolicyEntry, stamp: Any, frame_id: str = ''):
     return message
 
 
-def debug_image_message(frame: np.ndarray, color_order: str, header: Any, lines: list[str]
-                        ) -> Image:
-    """Return a decoded frame with ``lines`` drawn over it, as ``bgr8`` with its header."""
-    import cv2
-
-    if frame.ndim == 2 or frame.shape[2] == 1:
-        canvas = cv2.cvtColor(frame.reshape(frame.shape[:2]), cv2.COLOR_GRAY2BGR)
-    else:
-        canvas = frame[..., :3] if color_order == 'bgr' else frame[..., 2::-1]
-        canvas = np.ascontiguousarray(canvas).copy()
-    scale = max(canvas.shape[0] / 480.0, 0.4)
-    step = int(22 * scale) + 4
-    cv2.rectangle(canvas, (0, 0), (canvas.shape[1], step * len(lines) + 6), (0, 0, 0), -1)
-    for row, text in enumerate(lines):
-        cv2.putText(canvas, text, (6, step * (row + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale,
-                    (255, 255, 255), max(int(scale), 1), cv2.LINE_AA)
+def debug_image_message(canvas: np.ndarray, header: Any) -> Image:
+    """Return a ``bgr8`` picture (``core.image_conversion.annotated_bgr``) with its header."""
     message = Image(header=header, height=canvas.shape[0], width=canvas.shape[1],
                     encoding='bgr8', is_bigendian=0, step=canvas.shape[1] * 3)
     message.data = canvas.tobytes()

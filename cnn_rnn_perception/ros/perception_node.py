@@ -29,9 +29,10 @@ import time
 from typing import Any, Callable
 
 from cnn_rnn_perception.core.engine import create_engine, inspect_model_file, precision_name
-from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
+from cnn_rnn_perception.core.image_conversion import (
+    annotated_bgr, ImageRejected, message_to_frame)
 from cnn_rnn_perception.core.navigation import load_policy, RobotDecision, ScenePolicy, STALE
-from cnn_rnn_perception.core.postprocess import ProbabilitySmoother
+from cnn_rnn_perception.core.postprocess import ProbabilitySmoother, top_k
 from cnn_rnn_perception.ros.cameras import (
     CameraStats, LatestFrames, RateLimitedLog, run_supervised, stuck_after_s)
 from cnn_rnn_perception.ros.engine_slot import EngineSlot, LoadedModel
@@ -637,19 +638,18 @@ class PerceptionNode(LifecycleNode):
         """Fuse a batch's cameras into the robot's scene, decide, and send what changed."""
         with self._send_lock:
             changed = self._robot.add(estimates, labels, time.monotonic())
-            label, reason, scene = self._robot.snapshot()
+            label, reason, since_s, scene = self._robot.snapshot()
             if changed:
                 self.get_logger().info(f'decided scene: {label} ({reason})')
                 self._send_decision(changed=True)
         if scene is None:
             return
-        k, threshold = int(self._values['top_k']), float(self._values['score_threshold'])
-        record = robot_scene_record(scene, labels, k, threshold, label, reason,
-                                    self._robot.decision.since_s)
+        best = top_k(scene.probabilities, int(self._values['top_k']), labels,
+                     float(self._values['score_threshold']))
+        record = robot_scene_record(scene, best, label, reason, since_s)
         self._outputs['robot_scene'].publish(String(data=json.dumps(record)))
         if VISION_MSGS:
             header = Header(stamp=Time(seconds=scene.stamp_s).to_msg())
-            best = [(entry['label'], entry['score']) for entry in record['top_k']]
             self._outputs['robot_classification'].publish(
                 classification_message(header, best, labels))
 
@@ -731,8 +731,8 @@ class PerceptionNode(LifecycleNode):
         self._debug_turn += 1
         self._debug_image_at = now
         label = self._robot.decision.label
-        publisher.publish(debug_image_message(frame, order, header,
-                                              debug_lines(topic, best, label, node_ms)))
+        picture = annotated_bgr(frame, order, debug_lines(topic, best, label, node_ms))
+        publisher.publish(debug_image_message(picture, header))
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -802,7 +802,7 @@ class PerceptionNode(LifecycleNode):
 
     def _decision_status(self, name: str, hardware_id: str):
         """Return the robot's decision for /diagnostics: its state, why, and what Nav2 gets."""
-        label, reason, scene = self._robot.snapshot()
+        label, reason, _, scene = self._robot.snapshot()
         policy = self._policy
         values = {'decision': label, 'reason': reason,
                   'cameras': ' '.join(scene.cameras) if scene is not None else '',
