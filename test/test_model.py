@@ -139,15 +139,18 @@ def test_gradients_reach_the_trunk():
     assert first_conv is not None and first_conv.abs().sum() > 0
 
 
-@pytest.mark.parametrize('temporal', ['gru', 'lstm'])
-def test_a_clip_equals_its_frames_stepped_one_at_a_time_with_the_state_carried(temporal):
-    model = small_model(temporal=temporal, temporal_hidden_size=8).eval()
+@pytest.mark.parametrize('temporal,motion', [('gru', 'frame_difference'),
+                                             ('lstm', 'frame_difference'), ('gru', 'none')])
+def test_a_clip_equals_its_frames_stepped_one_at_a_time_with_the_state_carried(temporal, motion):
+    model = small_model(temporal=temporal, temporal_hidden_size=8, motion=motion).eval()
     clips = torch.randn(2, 4, 3, 64, 96)
     with torch.no_grad():
         whole, final = model.forward_clips(clips)
         state = model.zero_state(2)
         for step in range(4):
-            logits, state = model.temporal_step(model.frame_vectors(clips[:, step]), state)
+            frame = clips[:, step]
+            vectors = model.frame_vectors(model.trunk_input(frame, state))
+            logits, state = model.temporal_step(vectors, state, frame)
             torch.testing.assert_close(logits, whole[:, step], atol=1e-5, rtol=1e-5)
         # Two halves with the state handed over: truncated back-propagation reads the same.
         _, half = model.forward_clips(clips[:, :2])
@@ -157,6 +160,38 @@ def test_a_clip_equals_its_frames_stepped_one_at_a_time_with_the_state_carried(t
     # The first frame of a fresh stream is what plain forward gives; later ones differ.
     torch.testing.assert_close(model(clips[:, 0]), whole[:, 0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(whole[:, 1], model(clips[:, 1]), atol=1e-4)
+
+
+def test_only_real_frames_of_a_clip_reach_the_trunk_and_its_batchnorm():
+    model = small_model(temporal='gru', temporal_hidden_size=8).train()
+    clips = torch.randn(3, 4, 3, 64, 96)
+    valid = torch.tensor([[True] * 4, [True, True, False, False], [False] * 4])
+    seen = []
+    hook = model.trunk.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    try:
+        logits, _ = model.forward_clips(clips, valid=valid)
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and len(seen[0]) == int(valid.sum())
+    # The frames that reached it are the real ones, with their change from the frame before.
+    torch.testing.assert_close(seen[0][:, :3], clips[valid])
+    torch.testing.assert_close(seen[0][5, 3:], clips[1, 1] - clips[1, 0])
+    assert logits.shape == (3, 4, model.config.num_classes) and torch.isfinite(logits).all()
+
+
+def test_the_trunk_sees_motion_only_in_a_temporal_model_and_costs_a_per_frame_one_nothing():
+    per_frame = small_model()
+    temporal = small_model(temporal='gru', temporal_hidden_size=8)
+    assert per_frame.trunk[0].in_channels == 3 and temporal.trunk[0].in_channels == 6
+    assert small_model(temporal='gru', motion='none').trunk[0].in_channels == 3
+    # A fresh stream has no previous frame: its change reads zero, so the first frame is
+    # classified from the image alone, whatever was kept before.
+    images = torch.randn(2, 3, 64, 96)
+    fresh = temporal.trunk_input(images, temporal.zero_state(2))
+    assert (fresh[:, 3:] == 0).all()
+    # Temporal checkpoints written before the trunk saw motion keep reading vectors only.
+    old = {k: v for k, v in temporal.config.to_dict().items() if k != 'motion'}
+    assert ModelConfig.from_dict(old).motion == 'none'
 
 
 def test_the_temporal_stage_is_off_by_default_and_recorded_in_the_checkpoint(tmp_path):

@@ -82,6 +82,33 @@ def build_trunk(name: str, weights_path: str | os.PathLike | None = None) -> nn.
     return spec.trunk(net)
 
 
+def first_convolution(trunk: nn.Module) -> tuple[str, nn.Conv2d]:
+    """Return the name and module of the convolution that reads the image."""
+    for name, module in trunk.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    raise ValueError('the trunk has no convolution')
+
+
+def widen_first_convolution(trunk: nn.Module, channels: int) -> None:
+    """
+    Let ``trunk`` read ``channels`` input channels: the image's three, then more.
+
+    The new channels' weights start at zero, so the trunk computes what it did (pretrained
+    weights keep their meaning) and training grows what the extra channels add.
+    """
+    name, old = first_convolution(trunk)
+    new = nn.Conv2d(channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    old.dilation, old.groups, old.bias is not None, old.padding_mode)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :old.in_channels] = old.weight
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    parent, _, attribute = name.rpartition('.')
+    setattr(trunk.get_submodule(parent) if parent else trunk, attribute, new)
+
+
 def load_torchvision_state_dict(name: str, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a torchvision weights file and check it fits the backbone; errors say how to fix."""
     path = os.fspath(path)

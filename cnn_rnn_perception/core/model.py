@@ -12,7 +12,10 @@ The forward pass has four stages, each a method:
    ``attention``).
 5. Optionally ``temporal``: a second recurrent layer (GRU or LSTM) reads those vectors across
    frames, one step per frame, with its state carried per camera (LRCN). The ``head`` then
-   reads the temporal output instead of the frame's own vector.
+   reads the temporal output instead of the frame's own vector. With ``motion``
+   ``frame_difference`` (the default for temporal models) the trunk also reads the camera's
+   change since its previous frame as three more input channels, so motion is seen inside the
+   feature map, before pooling (the early fusion of TSN's RGB difference).
 
 No ROS imports here: this module is the core that the node, the tools and the tests share.
 """
@@ -27,7 +30,8 @@ import os
 from typing import Any, Iterator
 
 from cnn_rnn_perception.core.backbones import (
-    BACKBONES, build_trunk, check_backbone_name, feature_map_size, state_dict_differences)
+    BACKBONES, build_trunk, check_backbone_name, feature_map_size, state_dict_differences,
+    widen_first_convolution)
 import torch
 from torch import nn
 
@@ -37,6 +41,7 @@ SEQUENCES = ('spatial', 'rows', 'columns')
 RNNS = ('lstm', 'gru')
 POOLINGS = ('last', 'mean', 'max', 'attention')
 TEMPORALS = ('', 'gru', 'lstm')
+MOTION_INPUTS = ('frame_difference', 'none')
 COLOR_ORDERS = ('rgb', 'bgr')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,6 +103,11 @@ class ModelConfig:
                              choices=TEMPORALS)
     temporal_hidden_size: int = _setting(128, 'state size of the temporal stage',
                                          limits=(1, 4096))
+    motion: str = _setting('frame_difference', 'with temporal: what the CNN sees of the '
+                           "camera's previous frame: frame_difference (this frame minus the "
+                           'last as three more input channels, so the trunk sees motion) or '
+                           'none (each frame alone; time enters after pooling)',
+                           choices=MOTION_INPUTS)
 
     def __post_init__(self) -> None:
         # Checkpoints and YAML give lists; the config is hashable and compares equal as a tuple.
@@ -109,6 +119,7 @@ class ModelConfig:
         _choice('rnn', self.rnn, RNNS)
         _choice('pooling', self.pooling, POOLINGS)
         _choice('temporal', self.temporal, TEMPORALS)
+        _choice('motion', self.motion, MOTION_INPUTS)
         if self.temporal_hidden_size < 1:
             raise ValueError(f'temporal_hidden_size must be >= 1; got {self.temporal_hidden_size}')
         if self.hidden_size < 1:
@@ -172,6 +183,16 @@ class ModelConfig:
         return 2 if self.bidirectional else 1
 
     @property
+    def sees_motion(self) -> bool:
+        """Return True if the trunk reads each frame's difference from the stream's last."""
+        return bool(self.temporal) and self.motion == 'frame_difference'
+
+    @property
+    def trunk_input_channels(self) -> int:
+        """Return 3 (the image), or 6 (the image and its change) for a model that sees motion."""
+        return 6 if self.sees_motion else 3
+
+    @property
     def temporal_state_parts(self) -> int:
         """Return the recurrent tensors of the temporal stage: 0 (off), 1 (GRU), 2 (LSTM)."""
         return {'': 0, 'gru': 1, 'lstm': 2}[self.temporal]
@@ -189,6 +210,9 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f'unknown model config fields {unknown}; known: {sorted(known)}')
+        if data.get('temporal') and 'motion' not in data:
+            # Temporal checkpoints written before the trunk saw motion read vectors only.
+            data = {**data, 'motion': 'none'}
         return cls(**data)
 
 
@@ -255,6 +279,8 @@ class CnnRnnClassifier(nn.Module):
         if not weights and load_pretrained:
             _LOG.info('backbone %s: randomly initialised (no trunk_weights file given)',
                       config.backbone)
+        if config.sees_motion:
+            widen_first_convolution(self.trunk, config.trunk_input_channels)
         rnn_type = nn.LSTM if config.rnn == 'lstm' else nn.GRU
         self.rnn = rnn_type(
             input_size=config.step_size, hidden_size=config.hidden_size,
@@ -287,35 +313,86 @@ class CnnRnnClassifier(nn.Module):
         A temporal model classifies each image as the first frame of its stream (fresh state);
         ``forward_clips`` and ``temporal_step`` carry state across frames.
         """
-        vectors = self.frame_vectors(images)
         if self.temporal is None:
-            return self.head(self.dropout(vectors))
-        logits, _ = self.temporal_step(vectors, self.zero_state(len(images), images.device))
+            return self.head(self.dropout(self.frame_vectors(images)))
+        state = self.zero_state(len(images), images.device)
+        vectors = self.frame_vectors(self.trunk_input(images, state))
+        logits, _ = self.temporal_step(vectors, state, images)
         return logits
 
-    def forward_clips(self, clips: torch.Tensor, state: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_clips(self, clips: torch.Tensor, state: torch.Tensor | None = None,
+                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Clips [B, N, 3, H, W] (N consecutive frames of one stream each) to logits [B, N, C].
 
         Starts from ``state`` [B, state_size] (fresh when None) and returns the state after
-        the last frame, for truncated back-propagation through time.
+        the last frame, for truncated back-propagation through time. ``valid`` [B, N] marks
+        real frames: only those reach the trunk and its BatchNorm (padding gives zero vectors
+        and its logits mean nothing).
         """
         if self.temporal is None:
             raise ValueError('forward_clips needs a temporal model (config.temporal gru or lstm)')
         batch, length = clips.shape[:2]
-        vectors = self.frame_vectors(clips.flatten(0, 1)).unflatten(0, (batch, length))
-        return self.temporal_steps(vectors, state)
+        if state is None:
+            state = self.zero_state(batch, clips.device)
+        inputs = clips
+        if self.config.sees_motion:
+            # Each frame's change from the one before it in the stream; a fresh stream's first
+            # frame has none, and reads zero change.
+            recurrent_values = self._recurrent_values
+            pooled = self.config.hidden_size * self.config.directions
+            previous = state[:, recurrent_values + pooled:-1].view(batch, 1, *clips.shape[2:])
+            before = torch.cat([previous.to(clips.dtype), clips[:, :-1]], dim=1)
+            known = torch.ones(batch, length, 1, 1, 1, dtype=clips.dtype, device=clips.device)
+            known[:, 0] = state[:, -1:].view(batch, 1, 1, 1).to(clips.dtype)
+            inputs = torch.cat([clips, (clips - before) * known], dim=2)
+        flat = inputs.flatten(0, 1)
+        if valid is None or bool(valid.all()):
+            vectors = self.frame_vectors(flat)
+        else:
+            real = valid.flatten()
+            computed = self.frame_vectors(flat[real])
+            vectors = computed.new_zeros(len(flat), computed.shape[1])
+            vectors = vectors.index_put((real.nonzero()[:, 0],), computed)
+        return self.temporal_steps(vectors.unflatten(0, (batch, length)), state, clips[:, -1],
+                                   valid)
 
-    def temporal_step(self, vectors: torch.Tensor, state: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One frame per stream: vectors [B, P] and state [B, state_size] to logits, state."""
-        logits, state = self.temporal_steps(vectors.unsqueeze(1), state)
+    def trunk_input(self, images: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """
+        Return what the trunk reads for one frame per stream: [B, 3 or 6, H, W].
+
+        A model that sees motion appends the change from the stream's previous frame, kept in
+        ``state`` (zero for a fresh stream); any other model reads the images alone.
+        """
+        if not self.config.sees_motion:
+            return images
+        pooled = self.config.hidden_size * self.config.directions
+        previous = state[:, self._recurrent_values + pooled:-1].view(images.shape)
+        change = (images - previous.to(images.dtype)) * state[:, -1:].view(-1, 1, 1, 1).to(
+            images.dtype)
+        return torch.cat([images, change], dim=1)
+
+    def temporal_step(self, vectors: torch.Tensor, state: torch.Tensor,
+                      images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        One frame per stream: vectors [B, P] and state [B, state_size] to logits, state.
+
+        ``images`` [B, 3, H, W] are the frames themselves, which a model that sees motion keeps
+        in the state for the next frame's change.
+        """
+        logits, state = self.temporal_steps(
+            vectors.unsqueeze(1), state, None if images is None else images)
         return logits[:, 0], state
 
-    def temporal_steps(self, vectors: torch.Tensor, state: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 5: frame vectors [B, N, P] of N consecutive frames to logits [B, N, C]."""
+    def temporal_steps(self, vectors: torch.Tensor, state: torch.Tensor | None = None,
+                       last_images: torch.Tensor | None = None,
+                       valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Stage 5: frame vectors [B, N, P] of N consecutive frames to logits [B, N, C].
+
+        ``last_images`` [B, 3, H, W] (the last frame of each stream) are needed by a model
+        that sees motion; ``valid`` [B, N] keeps padding out of the BatchNorm statistics.
+        """
         batch, length, pooled = vectors.shape
         if state is None:
             state = self.zero_state(batch, vectors.device)
@@ -325,19 +402,40 @@ class CnnRnnClassifier(nn.Module):
         known = torch.cat([primed.unsqueeze(1),
                            torch.ones(batch, length - 1, 1, device=vectors.device)], dim=1)
         change = (vectors - before) * known
-        inputs = self.temporal_norm(torch.cat([vectors, change], dim=2).flatten(0, 1))
+        features = torch.cat([vectors, change], dim=2).flatten(0, 1)
+        if valid is None or bool(valid.all()):
+            inputs = self.temporal_norm(features)
+        else:
+            real = valid.flatten().nonzero()[:, 0]
+            inputs = features.new_zeros(features.shape).index_put(
+                (real,), self.temporal_norm(features[real]))
         outputs, final = self.temporal(inputs.unflatten(0, (batch, length)), recurrent)
-        new_state = self._pack(final, vectors[:, -1])
+        if self.config.sees_motion:
+            if last_images is None:
+                raise ValueError('a model that sees motion needs the frames (images) to keep '
+                                 'for the next frame')
+            new_state = self._pack(final, vectors[:, -1], last_images.flatten(1).float())
+        else:
+            new_state = self._pack(final, vectors[:, -1])
         return self.head(self.dropout(outputs)), new_state
 
     @property
+    def _recurrent_values(self) -> int:
+        return self.config.temporal_state_parts * self.config.temporal_hidden_size
+
+    @property
     def state_size(self) -> int:
-        """Return the length of one stream's state vector (0 without a temporal stage)."""
+        """
+        Return the length of one stream's state vector (0 without a temporal stage).
+
+        The recurrent state, the last frame's vector, the last frame itself (a model that sees
+        motion) and a flag that the stream has seen a frame.
+        """
         config = self.config
         if not config.temporal:
             return 0
-        return (config.temporal_state_parts * config.temporal_hidden_size
-                + config.hidden_size * config.directions + 1)
+        image = 3 * config.input_size[0] * config.input_size[1] if config.sees_motion else 0
+        return self._recurrent_values + config.hidden_size * config.directions + image + 1
 
     def zero_state(self, batch: int, device: torch.device | str = 'cpu') -> torch.Tensor:
         """Return the state a fresh stream starts from: zeros [B, state_size]."""
@@ -350,17 +448,22 @@ class CnnRnnClassifier(nn.Module):
         # LSTM), and the change needs the previous frame's vector.
         hidden = self.config.temporal_hidden_size
         parts = self.config.temporal_state_parts
+        pooled = self.config.hidden_size * self.config.directions
         layers = state[:, :parts * hidden].unflatten(1, (parts, hidden)).transpose(0, 1)
         recurrent: RecurrentState = layers[0:1].contiguous()
         if parts == 2:
             recurrent = (layers[0:1].contiguous(), layers[1:2].contiguous())
-        return recurrent, state[:, parts * hidden:-1], state[:, -1:]
+        start = parts * hidden
+        return recurrent, state[:, start:start + pooled], state[:, -1:]
 
     @staticmethod
-    def _pack(recurrent: RecurrentState, last_vector: torch.Tensor) -> torch.Tensor:
+    def _pack(recurrent: RecurrentState, last_vector: torch.Tensor,
+              last_image: torch.Tensor | None = None) -> torch.Tensor:
         layers = torch.cat(recurrent, dim=0) if isinstance(recurrent, tuple) else recurrent
         primed = torch.ones(last_vector.shape[0], 1, device=last_vector.device)
-        return torch.cat([layers.transpose(0, 1).flatten(1), last_vector, primed], dim=1)
+        parts = [layers.transpose(0, 1).flatten(1), last_vector]
+        return torch.cat(parts + ([last_image] if last_image is not None else []) + [primed],
+                         dim=1)
 
     def frame_vectors(self, images: torch.Tensor) -> torch.Tensor:
         """Stages 1 to 4: images [B, 3, H, W] to one pooled vector [B, P] per image."""

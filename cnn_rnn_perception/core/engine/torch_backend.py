@@ -31,6 +31,7 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+from cnn_rnn_perception.core.backbones import first_convolution
 from cnn_rnn_perception.core.engine.base import (
     EngineBase, EngineSettings, precision_name, resolve_device, resolve_precision)
 from cnn_rnn_perception.core.model import (
@@ -96,7 +97,8 @@ def fold_batch_norm(trunk: torch.nn.Module, input_size: Sequence[int]) -> torch.
     hooks += [module.register_forward_pre_hook(before_norm) for module in trunk.modules()
               if type(module) is torch.nn.BatchNorm2d and module.track_running_stats]
     generator = torch.Generator().manual_seed(0)
-    examples = torch.rand(2, 1, 3, *input_size, generator=generator)
+    channels = first_convolution(trunk)[1].in_channels
+    examples = torch.rand(2, 1, channels, *input_size, generator=generator)
     try:
         with torch.no_grad():
             trunk(examples[0])
@@ -349,14 +351,17 @@ class TorchEngine(EngineBase):
         where ``keep`` is 0: a fresh stream) and writes the new state back in place, so the
         state never leaves the device and a CUDA graph can capture the whole step.
         """
-        with compile_scope():
-            feature_map = self._run_trunk(images).float()
         model = self._model
-        vectors = model.pool(*model.encode(model.to_sequence(feature_map)))
         if model.temporal is None:
+            with compile_scope():
+                feature_map = self._run_trunk(images).float()
+            vectors = model.pool(*model.encode(model.to_sequence(feature_map)))
             return torch.softmax(model.head(vectors), dim=1)
         state = self._state_table.index_select(0, slots) * keep.unsqueeze(1)
-        logits, new_state = model.temporal_step(vectors, state)
+        with compile_scope():
+            feature_map = self._run_trunk(model.trunk_input(images, state)).float()
+        vectors = model.pool(*model.encode(model.to_sequence(feature_map)))
+        logits, new_state = model.temporal_step(vectors, state, images)
         self._state_table.index_copy_(0, slots, new_state)
         return torch.softmax(logits, dim=1)
 
