@@ -18,6 +18,10 @@ Two kinds of drive need time to label, for temporal models:
   the robot does (``forward``, ``turning_left``, ``turning_right``, ``stopped``). Every frame
   is a view of the same floor at some place, so no single frame tells the motion: only how the
   view changes from frame to frame does.
+- ``write_texture_motion_drive``: a camera panning, zooming or still over smooth random
+  textures with no large-scale structure (no floor, no light gradient), a new texture every
+  segment: unlike the drives above, the change of a pooled vector says little here, and only
+  a model that compares the pixels of neighbouring frames tells the motion.
 """
 
 from __future__ import annotations
@@ -377,24 +381,101 @@ def write_ego_motion_drive(path: str | Path, *, seconds: float, rate_hz: float =
                            topic: str = '/camera/image_raw', label_topic: str = '/scene_label',
                            storage: str = 'sqlite3', progress: bool = True) -> Path:
     """Record an ego-motion drive as a rosbag2: frames, motion labels (as scene labels)."""
+    frames = ego_motion_frames(seconds, rate_hz=rate_hz, seed=seed, height=height, width=width)
+    return write_labelled_frames(path, frames, total=int(round(seconds * rate_hz)),
+                                 rate_hz=rate_hz, topic=topic, label_topic=label_topic,
+                                 storage=storage, progress=progress)
+
+
+def write_labelled_frames(path: str | Path, frames: Iterator[tuple[str, np.ndarray]], *,
+                          total: int, rate_hz: float, topic: str = '/camera/image_raw',
+                          label_topic: str = '/scene_label', storage: str = 'sqlite3',
+                          progress: bool = True) -> Path:
+    """Record (label, BGR frame) pairs as a rosbag2: frames at ``rate_hz``, label changes."""
     from cnn_rnn_perception.tools.bags import BagWriter
 
     start_ns, period_ns = 1_700_000_000 * 1_000_000_000, int(1e9 / rate_hz)
-    total = int(round(seconds * rate_hz))
     path = Path(path)
     with BagWriter(path, storage=storage) as bag:
         written_label = None
-        frames = ego_motion_frames(seconds, rate_hz=rate_hz, seed=seed, height=height,
-                                   width=width)
-        for index, (motion, frame) in enumerate(tqdm(frames, total=total, leave=False,
-                                                     desc='synth ego-motion',
-                                                     disable=not progress)):
+        for index, (label, frame) in enumerate(tqdm(frames, total=total, leave=False,
+                                                    desc=f'synth {path.name}',
+                                                    disable=not progress)):
             stamp = start_ns + index * period_ns
-            if motion != written_label:
-                bag.write_label(label_topic, motion, stamp)
-                written_label = motion
+            if label != written_label:
+                bag.write_label(label_topic, label, stamp)
+                written_label = label
             bag.write_image(topic, frame, 'bgr8', stamp, 'camera')
     return path
+
+
+CAMERA_MOTIONS = ('pan_left', 'pan_right', 'zoom_in', 'still')
+
+
+def draw_texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """
+    Draw a smooth random texture, ``size`` x ``size`` BGR, that wraps at its edges.
+
+    Blurred noise at one small scale (a few pixels), in three channels of their own: there
+    is no large-scale structure (no gradient of light or colour across it), so where the camera
+    looks tells nothing, and a moving view is told apart only by how it changes.
+    """
+    sigma = float(rng.uniform(1.5, 3.0))
+    noise = rng.normal(0.0, 1.0, (size, size, 3)).astype(np.float32)
+    margin = int(4 * sigma) + 1  # blurred with its wrapped-around neighbours: seamless
+    padded = np.pad(noise, ((margin, margin), (margin, margin), (0, 0)), mode='wrap')
+    smooth = cv2.GaussianBlur(padded, (0, 0), sigma)[margin:-margin, margin:-margin]
+    smooth /= smooth.std(axis=(0, 1), keepdims=True)
+    mixed = smooth @ rng.uniform(0.3, 1.0, (3, 3)).astype(np.float32)
+    mixed = (mixed - mixed.mean()) / mixed.std()
+    return np.clip(128 + 45 * mixed, 0, 255).astype(np.uint8)
+
+
+def texture_motion_frames(segments: int, *, rate_hz: float = 15.0, seed: int = 0,
+                          size: int = 96, segment_s: tuple[float, float] = (1.5, 3.0)
+                          ) -> Iterator[tuple[str, np.ndarray]]:
+    """
+    Yield (motion, frame) pairs: a camera over a smooth random texture, one motion a segment.
+
+    ``pan_left`` and ``pan_right`` move the view 0.7 to 3 pixels a frame, ``zoom_in`` grows it
+    1 to 3% a frame, ``still`` only jitters. Every segment shows a new texture from a new
+    place and scale (0.7 to 1.0), so neither tells the motion. Sensor noise on every frame.
+    Deterministic by seed.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(segments):
+        texture = draw_texture(rng, size * 4)  # a new surface: grain and colours of its own
+        motion = CAMERA_MOTIONS[int(rng.integers(0, len(CAMERA_MOTIONS)))]
+        count = int(rng.uniform(*segment_s) * rate_hz)
+        x, y = rng.uniform(0, texture.shape[1], 2)
+        scale = float(rng.uniform(0.7, 1.0))
+        speed = float(rng.uniform(0.7, 3.0))
+        growth = float(rng.uniform(0.01, 0.03))
+        for _ in range(count):
+            if motion == 'pan_left':
+                x -= speed / scale  # the camera turns left: the texture flows right
+            elif motion == 'pan_right':
+                x += speed / scale
+            elif motion == 'zoom_in':
+                scale *= 1.0 + growth
+            x, y = x + rng.normal(0, 0.15), y + rng.normal(0, 0.15)
+            # Output pixel (u, v) shows texture point (x, y) + ((u, v) - centre) / scale.
+            view = np.float32([[1 / scale, 0, x - size / 2 / scale],
+                               [0, 1 / scale, y - size / 2 / scale]])
+            frame = cv2.warpAffine(texture, view, (size, size),
+                                   flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                   borderMode=cv2.BORDER_WRAP)
+            noisy = frame + rng.normal(0, 3, frame.shape)
+            yield motion, np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def write_texture_motion_drive(path: str | Path, *, segments: int, rate_hz: float = 15.0,
+                               seed: int = 0, size: int = 96, storage: str = 'sqlite3',
+                               progress: bool = True) -> Path:
+    """Record ``texture_motion_frames`` as a rosbag2 with its labels on /scene_label."""
+    frames = list(texture_motion_frames(segments, rate_hz=rate_hz, seed=seed, size=size))
+    return write_labelled_frames(path, iter(frames), total=len(frames), rate_hz=rate_hz,
+                                 storage=storage, progress=progress)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -408,13 +489,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--train-per-class', type=int, default=200)
     parser.add_argument('--val-per-class', type=int, default=40)
     parser.add_argument('--recordings', type=int, default=1)
-    parser.add_argument('--drive', choices=('scenes', 'occluded', 'ego-motion'),
+    parser.add_argument('--drive', choices=('scenes', 'occluded', 'ego-motion',
+                                             'texture-motion'),
                         default='scenes',
                         help='what the recordings show: scenes (default); occluded: scenes '
                              'with figures crossing close to the camera, the label unchanged; '
                              'ego-motion: a floor seen while moving, labelled forward, '
                              'turning_left, turning_right or stopped, which no single frame '
-                             'tells (recordings only)')
+                             'tells; texture-motion: a square camera (the smaller side of '
+                             '--size) panning left or right, zooming in or still over smooth '
+                             'random textures, --segments of 1.5-3 s each, a new texture each '
+                             '(recordings only)')
+    parser.add_argument('--segments', type=int, default=15,
+                        help='segments per texture-motion recording (default: 15)')
     parser.add_argument('--scenes', type=int, default=12, help='scenes per recording')
     parser.add_argument('--seconds-per-scene', type=float, default=2.0)
     parser.add_argument('--seconds', type=float, default=60.0,
@@ -429,7 +516,7 @@ def main(args: argparse.Namespace) -> int:
     """Draw the images and recordings."""
     width, height = args.size
     progress = not args.no_progress
-    if args.drive != 'ego-motion':
+    if args.drive not in ('ego-motion', 'texture-motion'):
         root = write_image_folder(f'{args.output}/images', train_per_class=args.train_per_class,
                                   val_per_class=args.val_per_class, seed=args.seed,
                                   height=height, width=width, progress=progress)
@@ -437,7 +524,12 @@ def main(args: argparse.Namespace) -> int:
     for index in range(args.recordings):
         seed = args.seed + 7919 * (index + 1)
         output = f'{args.output}/recording_{index}'
-        if args.drive == 'ego-motion':
+        if args.drive == 'texture-motion':
+            path = write_texture_motion_drive(output, segments=args.segments,
+                                              rate_hz=args.rate, seed=seed,
+                                              size=min(width, height), storage=args.storage,
+                                              progress=progress)
+        elif args.drive == 'ego-motion':
             path = write_ego_motion_drive(output, seconds=args.seconds, rate_hz=args.rate,
                                           seed=seed, height=height, width=width,
                                           storage=args.storage, progress=progress)
