@@ -2,7 +2,8 @@
 
 from cnn_rnn_perception.tools.bags import BagWriter
 from cnn_rnn_perception.tools.clips import (
-    ClipBatches, index_runs, plan_lanes, prefetched, Run, split_by_time_blocks)
+    ClipBatches, index_runs, lanes_for, plan_lanes, prefetched, Run, split_by_time_blocks,
+    steps_for)
 import numpy as np
 import pytest
 
@@ -70,6 +71,64 @@ def test_validation_holds_out_whole_time_blocks_spread_over_the_recording():
     short = [runs[0].part(0, 50)]
     with pytest.raises(ValueError, match='shorter --val-block-s'):
         split_by_time_blocks(short, val_fraction=0.2, block_s=10.0)
+
+
+def test_validation_holds_out_the_same_seconds_for_every_topic_of_a_recording():
+    # One recording: a camera's raw topic, its compressed copy (the same frames), and a second
+    # camera whose stamps lie 30 ms later. 60 s at 10 Hz, 10 s blocks, 1 in 10 held out.
+    topics = {'/cam/image_raw': 0.0, '/cam/image_raw/compressed': 0.0, '/cam2/image_raw': 0.03}
+    runs = [Run('bag', topic, tuple(range(600)), tuple(offset + 0.1 * i for i in range(600)),
+                (0,) * 600) for topic, offset in topics.items()]
+    split = split_by_time_blocks(runs, val_fraction=0.1, block_s=10.0)
+    held_seconds = {int(stamp // 10) for run in split.val for stamp in run.stamps_s}
+    trained_seconds = {int(stamp // 10) for run in split.train for stamp in run.stamps_s}
+    assert held_seconds and not held_seconds & trained_seconds, (held_seconds, trained_seconds)
+    # Every topic is held out over the same seconds, and nothing is lost.
+    assert sorted(run.topic for run in split.val) == sorted(topics)
+    assert sum(map(len, split.train + split.val)) == 3 * 600
+    assert 'the same seconds for every topic' in split.description
+
+
+def test_training_lanes_always_carry_real_frames_and_every_process_takes_as_many_steps(
+        tmp_path):
+    # Five runs of 30, 3, 12, 20 and 6 frames (gaps of 3 s between them) on four lanes, two
+    # processes with two lanes each: their own lanes need different numbers of steps.
+    lengths = [30, 3, 12, 20, 6]
+    stamps, offset = [], 0.0
+    for length in lengths:
+        stamps += [offset + 0.1 * i for i in range(length)]
+        offset += 0.1 * length + 3.0
+    bag = write_bag(tmp_path / 'bag', stamps, ['a'] * len(stamps))
+    _, runs, _ = index_runs([str(bag)], '/scene_label', progress=False)
+    assert sorted(map(len, runs)) == sorted(lengths)
+    plan = plan_lanes(runs, lanes=4, clip_length=4, seed=0)
+    steps = steps_for(runs, plan, 4)
+    own = [steps_for(runs, plan[rank::2], 4) for rank in range(2)]
+    assert own[0] != own[1]  # what deadlocked distributed training
+    for rank in range(2):
+        batches = ClipBatches(runs, plan[rank::2], 4, (32, 32), repeat=True, steps=steps)
+        seen = 0
+        for batch in batches:
+            seen += 1
+            for lane in range(2):
+                valid = batch.valid[lane].numpy()
+                assert valid.any(), f'step {seen}: lane {lane} holds no real frame'
+                levels = batch.frames[lane, :, 0, 0, 0].numpy()[valid].astype(int)
+                assert (np.diff(levels) == 1).all(), levels
+        assert seen == steps
+    # Validation reads every frame once: no repeats.
+    once = ClipBatches(runs, plan, 4, (32, 32))
+    assert sum(int(batch.valid.sum()) for batch in once) == sum(lengths)
+
+
+def test_fewer_runs_than_the_batch_train_fewer_lanes_and_say_so():
+    runs = [Run('bag', '/cam', (0, 1), (0.0, 0.1), (0, 0))] * 3
+    assert lanes_for(runs, 2) == (2, '')
+    lanes, why = lanes_for(runs, 32)
+    assert lanes == 3 and '3 training runs for a batch of 32' in why
+    assert lanes_for(runs, 32, processes=2)[0] == 2
+    with pytest.raises(ValueError, match='fewer processes'):
+        lanes_for(runs[:1], 32, processes=2)
 
 
 def test_lanes_get_about_the_same_number_of_clips():

@@ -11,7 +11,10 @@ drive are near copies, so a random split scores memory, not generalisation.
 
 Training walks ``lanes`` streams side by side, ``clip_length`` frames at a time, carrying each
 lane's state from clip to clip (truncated back-propagation through time). A clip never spans
-two runs: a run's last clip is padded, and the next run starts its lane afresh.
+two runs: a run's last clip is padded (marked not valid), and the next run starts its lane
+afresh. In training a lane that has used up its runs starts them again, so every step of an
+epoch has a real frame in every lane (BatchNorm never sees padding) and every process of a
+distributed run takes the same number of steps.
 """
 
 from __future__ import annotations
@@ -114,32 +117,45 @@ class Split:
 
 def split_by_time_blocks(runs: Sequence[Run], val_fraction: float, block_s: float) -> Split:
     """
-    Cut runs into blocks of ``block_s`` seconds and hold out ``val_fraction`` of the blocks.
+    Cut each recording into blocks of ``block_s`` seconds and hold out ``val_fraction`` of them.
 
-    The held-out blocks are spread evenly over the recordings (every k-th block), so that
-    validation sees every part of every drive rather than its end only. Deterministic.
+    A block is a window of the recording's time (stamps, counted from its first frame on any
+    topic), the same for every topic of that recording: the seconds a validation block holds
+    out of one camera, or of a raw topic, are held out of its other cameras and of its
+    compressed copy too, which show the same moments. The held-out blocks are spread evenly
+    over the recordings (every k-th block), so validation sees every part of every drive
+    rather than its end only. Deterministic.
     """
     if block_s <= 0:
         raise ValueError(f'val block length must be > 0 s; got {block_s}')
-    blocks: list[Run] = []
+    origins: dict[str, float] = {}
     for run in runs:
+        origins[run.bag] = min(origins.get(run.bag, run.stamps_s[0]), run.stamps_s[0])
+    pieces: list[tuple[tuple[int, int], Run]] = []
+    recordings = list(origins)
+    for run in runs:
+        def block_of(index: int) -> tuple[int, int]:
+            return (recordings.index(run.bag),
+                    int((run.stamps_s[index] - origins[run.bag]) // block_s))
         start = 0
         for index in range(1, len(run) + 1):
-            if index == len(run) or run.stamps_s[index] - run.stamps_s[start] >= block_s:
-                blocks.append(run.part(start, index))
+            if index == len(run) or block_of(index) != block_of(start):
+                pieces.append((block_of(start), run.part(start, index)))
                 start = index
+    blocks = sorted({block for block, _ in pieces})
     if len(blocks) < 2:
         raise ValueError(f'the labelled frames make {len(blocks)} time block(s) of {block_s:g} '
                          's; validation needs one held out and one to train on: record longer '
                          'or give a shorter --val-block-s')
     held = max(1, min(len(blocks) - 1, int(round(len(blocks) * val_fraction))))
-    chosen = {int((index + 0.5) * len(blocks) / held) for index in range(held)}
-    train = [block for index, block in enumerate(blocks) if index not in chosen]
-    val = [block for index, block in enumerate(blocks) if index in chosen]
-    frames = sum(len(block) for block in val)
-    return Split(train, val, f'validation: {len(val)} of {len(blocks)} time blocks of '
-                             f'{block_s:g} s ({frames} frames) held out, spread over the '
-                             'recordings; never random frames, which leak between neighbours')
+    chosen = {blocks[int((index + 0.5) * len(blocks) / held)] for index in range(held)}
+    train = [piece for block, piece in pieces if block not in chosen]
+    val = [piece for block, piece in pieces if block in chosen]
+    frames = sum(len(piece) for piece in val)
+    return Split(train, val, f'validation: {len(chosen)} of {len(blocks)} time blocks of '
+                             f'{block_s:g} s ({frames} frames) held out, the same seconds for '
+                             'every topic of a recording, spread over the recordings; never '
+                             'random frames, which leak between neighbours')
 
 
 def read_run(run: Run, input_size: tuple[int, int]) -> Iterator[np.ndarray | None]:
@@ -163,6 +179,25 @@ def read_run(run: Run, input_size: tuple[int, int]) -> Iterator[np.ndarray | Non
             yield to_model_colors(resize_frame(frame, input_size), order, 'rgb')
 
 
+def lanes_for(runs: Sequence[Run], batch_size: int, processes: int = 1) -> tuple[int, str]:
+    """
+    Return how many lanes to train with, and a sentence when it is fewer than ``batch_size``.
+
+    A lane with no run of its own would only repeat other lanes' runs, so there are at most as
+    many lanes as runs, and a multiple of ``processes``.
+    """
+    if len(runs) >= batch_size:
+        return batch_size, ''
+    lanes = len(runs) // processes * processes
+    if lanes == 0:
+        raise ValueError(f'{len(runs)} training runs cannot fill {processes} processes: record '
+                         'more, give a shorter --val-block-s (each time block is a run of its '
+                         'own), or start fewer processes')
+    return lanes, (f'{len(runs)} training runs for a batch of {batch_size} clips: training '
+                   f'{lanes} lanes side by side. For more, record more or give a shorter '
+                   '--val-block-s (each time block is a run); or lower --batch-size to say so')
+
+
 def plan_lanes(runs: Sequence[Run], lanes: int, clip_length: int, seed: int
                ) -> list[list[int]]:
     """
@@ -181,6 +216,12 @@ def plan_lanes(runs: Sequence[Run], lanes: int, clip_length: int, seed: int
     return plan
 
 
+def steps_for(runs: Sequence[Run], plan: Sequence[Sequence[int]], clip_length: int) -> int:
+    """Return the steps the longest lane of ``plan`` needs: its clips."""
+    return max((sum(-(-len(runs[i]) // clip_length) for i in lane) for lane in plan),
+               default=0)
+
+
 @dataclass
 class ClipBatch:
     """One step: ``frames`` [L, N, H, W, 3] uint8 RGB, ``targets`` and ``valid`` [L, N]."""
@@ -196,23 +237,38 @@ class ClipBatches:
     The clips of one epoch, lane by lane, in step order.
 
     ``augment(frame, run_index)`` (optional) is applied with the same parameters to every frame
-    of a run, so the motion between frames is what the recording had.
+    of a run, so the motion between frames is what the recording had. With ``repeat`` (for
+    training) a lane that has used up its runs starts them again until the last step; without
+    it (validation: every frame once) the lane gives padding only. ``steps`` is the number of
+    steps, by default what the longest lane of ``plan`` needs: a distributed run passes the
+    longest of all processes' lanes (``steps_for``), so every process takes as many.
     """
 
     def __init__(self, runs: Sequence[Run], plan: Sequence[Sequence[int]], clip_length: int,
-                 input_size: tuple[int, int], augment=None) -> None:
+                 input_size: tuple[int, int], augment=None, *, repeat: bool = False,
+                 steps: int | None = None) -> None:
         self.runs = runs
         self.plan = [list(lane) for lane in plan]
         self.clip_length = clip_length
         self.input_size = input_size
         self.augment = augment
-        self.steps = max((sum(-(-len(runs[i]) // clip_length) for i in lane)
-                          for lane in self.plan), default=0)
+        self.repeat = repeat
+        self.steps = steps_for(runs, self.plan, clip_length) if steps is None else steps
 
     def __len__(self) -> int:
         return self.steps
 
     def _lane_clips(self, lane: list[int]) -> Iterator[tuple[list, list[int], bool]]:
+        while True:
+            given = 0
+            for clip in self._lane_pass(lane):
+                given += 1
+                yield clip
+            # A lane none of whose frames decode would otherwise go round for ever.
+            if not self.repeat or not given:
+                return
+
+    def _lane_pass(self, lane: list[int]) -> Iterator[tuple[list, list[int], bool]]:
         for run_index in lane:
             run = self.runs[run_index]
             frames, targets = [], []
@@ -242,12 +298,13 @@ class ClipBatches:
             for row, lane in enumerate(lanes):
                 clip = next(lane, None)
                 if clip is None:
-                    fresh[row] = True  # a finished lane: padding only
+                    fresh[row] = True  # a finished lane: padding only, never valid
                     continue
                 clip_frames, clip_targets, fresh[row] = clip
                 count = len(clip_frames)
                 frames[row, :count] = np.stack(clip_frames)
-                # Padding repeats the last frame: BatchNorm statistics see no black frames.
+                # Padding repeats the last frame, which the model keeps as the one before
+                # the next (no next: a run's last clip is followed by a fresh run).
                 frames[row, count:] = clip_frames[-1]
                 targets[row, :count] = clip_targets
                 valid[row, :count] = True
