@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 from dataclasses import asdict, dataclass, field, fields, replace
+import functools
 import logging
 import os
 from pathlib import Path
@@ -30,7 +31,8 @@ from cnn_rnn_perception.core.preprocess import (
     normalisation, normalise_uint8_batch, resize_frame, to_model_colors)
 from cnn_rnn_perception.tools import options
 from cnn_rnn_perception.tools.clips import (
-    ClipBatches, index_runs, plan_lanes, prefetched, read_run, Run, Split, split_by_time_blocks)
+    ClipBatches, index_runs, lanes_for, plan_lanes, prefetched, read_run, Run, Split,
+    split_by_time_blocks, steps_for)
 import cv2
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ from tqdm import tqdm
 _LOG = logging.getLogger(__name__)
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 SIDE_WORDS = ('left', 'right')
+TEMPORAL_GRADIENT_NORM = 1.0
 
 
 @dataclass
@@ -279,6 +282,62 @@ def start_distributed(device: torch.device) -> Distributed:
     return Distributed(rank=dist.get_rank(), world=world)
 
 
+def _sum_across(value: float, distributed: Distributed) -> float:
+    if distributed.world == 1:
+        return value
+    import torch.distributed as dist
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def synchronise_batch_norm(model: torch.nn.Module) -> None:
+    """
+    Make every BatchNorm of ``model`` normalise training batches by all processes' statistics.
+
+    Without it each process normalises by its own share of the batch, so N processes train a
+    different model than one (measured on a temporal model: weights 20-90% of a 1-epoch update
+    apart). torch's SyncBatchNorm does this on GPUs only; here the sums travel by
+    ``torch.distributed.nn.all_reduce``, which carries gradients back, on any backend. The
+    modules and their state_dict keys stay as they are: only these instances' forward changes.
+    """
+    import torch.distributed as dist
+    # A group of their own: DistributedDataParallel reduces gradient buckets on the default
+    # group while the backward pass runs, and gloo pairs each group's calls in issue order.
+    group = dist.new_group()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.forward = functools.partial(_synchronised_batch_norm, module, group)
+
+
+def _synchronised_batch_norm(norm: torch.nn.modules.batchnorm._BatchNorm, group: Any,
+                             inputs: torch.Tensor) -> torch.Tensor:
+    if not norm.training or not norm.track_running_stats:
+        return type(norm).forward(norm, inputs)
+    from torch.distributed.nn import all_reduce
+    axes = [0] + list(range(2, inputs.dim()))
+    values = inputs.float()
+    channels = inputs.shape[1]
+    shape = [1, channels] + [1] * (inputs.dim() - 2)
+    count = values.new_tensor([values.numel() / max(channels, 1)])
+    totals = all_reduce(torch.cat([values.sum(axes), count]), group=group)
+    frames = totals[-1]
+    mean = totals[:channels] / frames
+    # Two passes, as BatchNorm itself computes it: the mean of squares minus the squared
+    # mean loses the digits that tell small batches apart.
+    centred = values - mean.view(shape)
+    variance = all_reduce((centred * centred).sum(axes), group=group) / frames
+    with torch.no_grad():
+        momentum = norm.momentum if norm.momentum is not None else 0.1
+        norm.running_mean.lerp_(mean.detach(), momentum)
+        norm.running_var.lerp_(variance.detach() * frames / (frames - 1).clamp_min(1), momentum)
+        norm.num_batches_tracked += 1
+    normalised = centred * torch.rsqrt(variance.view(shape) + norm.eps)
+    if norm.affine:
+        normalised = normalised * norm.weight.view(shape) + norm.bias.view(shape)
+    return normalised.to(inputs.dtype)
+
+
 def _mean_across(value: float, distributed: Distributed) -> float:
     if distributed.world == 1:
         return value
@@ -372,6 +431,10 @@ def train(settings: TrainSettings, *, classes: list[str], train_samples: Samples
     model = model.to(device, memory_format=torch.channels_last)
     if settings.freeze_trunk:
         model.trunk.requires_grad_(False)
+        if config.sees_motion and distributed.main:
+            print('--freeze-trunk: the trunk also keeps its motion channels at zero, so this '
+                  'model does not see motion; leave the trunk trained (the default) or give '
+                  '--motion none to say so', flush=True)
     optimizer = _optimizer(settings, [p for p in model.parameters() if p.requires_grad])
     scheduler = _schedule(settings, optimizer)
     history: list[dict[str, float]] = []
@@ -385,6 +448,7 @@ def train(settings: TrainSettings, *, classes: list[str], train_samples: Samples
         start_epoch = int(state['epoch'])
     wrapped: torch.nn.Module = _ClipModel(model) if temporal else model
     if distributed.world > 1:
+        synchronise_batch_norm(model)
         wrapped = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[device.index] if device.type == 'cuda' else None)
     preprocessing = Preprocessing.for_config(config)
@@ -467,9 +531,9 @@ class _ClipModel(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, clips: torch.Tensor, state: torch.Tensor
+    def forward(self, clips: torch.Tensor, state: torch.Tensor, valid: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_clips(clips, state)
+        return self.model.forward_clips(clips, state, valid)
 
 
 @dataclass
@@ -493,6 +557,11 @@ class _Loop:
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.model.temporal is not None:
+            # Back-propagation through time sums a clip's gradients through the recurrent
+            # state; one clip with a burst (a cut in the drive) threw the epoch back (held-out
+            # accuracy swinging 0.70-0.96 between epochs). The RNN's usual remedy.
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), TEMPORAL_GRADIENT_NORM)
         self.optimizer.step()
 
     def frame_functions(self, train_samples: Samples, val_samples: Samples):
@@ -554,18 +623,33 @@ class _Loop:
             if state is None:
                 state = self.model.zero_state(lanes, self.device)
             state = state * (~batch.fresh).to(self.device).unsqueeze(1)
+            valid = batch.valid.to(self.device)
+            count = int(valid.sum())
+            everywhere = int(_sum_across(count, self.distributed))
+            if not everywhere:
+                continue  # no frame of this step decoded, in any process: nothing to learn
+            # Only real frames reach BatchNorm, which needs two in training: a lone real frame
+            # goes with its lane's padding, copies of it. A process whose lanes hold none in
+            # this step (every frame of its runs failed to decode) still runs its padding,
+            # weighted 0, because DistributedDataParallel needs every process's backward pass.
+            real = valid
+            if everywhere < 2 or not count:
+                real = valid.any(1, keepdim=True).expand_as(valid)
+                real = real if bool(real.any()) else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                logits, state = model(clips, state)
+                logits, state = model(clips, state, real)
             state = state.detach().float()
-            yield logits.float(), batch.targets.to(self.device), batch.valid.to(self.device)
+            yield logits.float(), batch.targets.to(self.device), valid, everywhere
 
     def clip_functions(self, train_runs: list[Run], val_runs: list[Run]):
         """Return (run one epoch, validate) over clips streamed from runs."""
         settings, distributed = self.settings, self.distributed
         size = self.model.config.input_size
-        lanes = settings.batch_size
         if not train_runs or not val_runs:
             raise ValueError('temporal training needs runs to train on and to validate on')
+        lanes, why = lanes_for(train_runs, settings.batch_size, distributed.world)
+        if why and distributed.main:
+            print(why, flush=True)
 
         def run_epoch(epoch: int) -> tuple[float, float]:
             def jitter(frame: np.ndarray, run_index: int) -> np.ndarray:
@@ -574,26 +658,38 @@ class _Loop:
                 return resize_frame(augment(frame, rng, settings.hflip), size)
             plan = plan_lanes(train_runs, lanes, settings.clip_length,
                               seed=settings.seed * 100_003 + epoch)
+            # Every process takes as many steps as the longest lane of all of them needs.
             batches = ClipBatches(train_runs, plan[distributed.rank::distributed.world],
                                   settings.clip_length, size,
-                                  augment=jitter if settings.augment else None)
-            losses, correct, seen = [], 0, 0
-            for logits, targets, valid in self._clips(batches, self.wrapped,
-                                                      f'epoch {epoch + 1}/{settings.epochs}'):
-                loss = torch.nn.functional.cross_entropy(logits[valid], targets[valid])
+                                  augment=jitter if settings.augment else None, repeat=True,
+                                  steps=steps_for(train_runs, plan, settings.clip_length))
+            total_loss, correct, seen = 0.0, 0, 0
+            for logits, targets, valid, everywhere in self._clips(
+                    batches, self.wrapped, f'epoch {epoch + 1}/{settings.epochs}'):
+                count = int(valid.sum())
+                # Summed over this process's frames, divided by all processes' frames (and
+                # times the processes, which DistributedDataParallel averages over): the
+                # gradient of the mean over the global batch, however frames fall.
+                loss = torch.nn.functional.cross_entropy(
+                    logits[valid], targets[valid], reduction='sum') \
+                    * (distributed.world / everywhere)
                 if settings.steadiness:
                     loss = loss + settings.steadiness * steadiness_penalty(logits, targets, valid)
                 self._step(loss)
-                losses.append(loss.item())
+                total_loss += loss.item() * everywhere / distributed.world
                 correct += int((logits[valid].argmax(1) == targets[valid]).sum())
-                seen += int(valid.sum())
-            return float(np.mean(losses)), correct / max(seen, 1)
+                seen += count
+            # Over every process's frames, so each process returns the same epoch figures.
+            seen = _sum_across(seen, distributed)
+            return (_sum_across(total_loss, distributed) / max(seen, 1),
+                    _sum_across(correct, distributed) / max(seen, 1))
 
         def validate() -> tuple[float, float]:
             # Each held-out run is one stream from start to end, as the engine would run it.
-            plan = plan_lanes(val_runs, min(lanes, len(val_runs)), settings.clip_length, 0)
+            plan = plan_lanes(val_runs, min(settings.batch_size, len(val_runs)),
+                              settings.clip_length, 0)
             batches = ClipBatches(val_runs, plan, settings.clip_length, size)
-            return _scored((logits[valid], targets[valid]) for logits, targets, valid
+            return _scored((logits[valid], targets[valid]) for logits, targets, valid, _
                            in self._clips(batches, self.model.forward_clips, 'validating'))
         return run_epoch, validate
 
@@ -645,7 +741,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         'Train on DATA (DATA/train/CLASS/*.png and DATA/val/CLASS/*.png, or DATA/CLASS/*.png '
         'split by --val-split) or on --bags with a --label-topic. Writes best.pt and last.pt '
         '(checkpoints the node loads), metrics.csv and curves.png to --output. Several '
-        'processes: torchrun --nproc_per_node N $(which cnn_rnn_perception) train ...')
+        'processes: torchrun --nproc_per_node N $(which cnn_rnn_perception) train ... '
+        "(BatchNorm then normalises by all processes' frames). A temporal model "
+        '(--temporal gru) needs no recipe of its own: its trunk trains (it reads each frame '
+        'and its change from the last, and so sees motion), augmentation is the same for '
+        'every frame of a run, and its gradients are clipped to norm 1.')
     default = TrainSettings()
     parser.add_argument('data', nargs='?', help='an ImageFolder-style directory')
     parser.add_argument('--bags', nargs='+', metavar='BAG', help='train on recorded bags')
@@ -674,7 +774,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='also flip horizontally: only for labels that do not name a '
                              'side (refused for left/right labels)')
     parser.add_argument('--freeze-trunk', action='store_true',
-                        help='train only the recurrent part and head')
+                        help='train only the recurrent part and head (a temporal model then '
+                             'does not see motion: its trunk reads the change from the last '
+                             'frame through weights that start at zero)')
     parser.add_argument('--init-from', metavar='CHECKPOINT', default=default.init_from,
                         help='start from this checkpoint where names and shapes match, e.g. '
                              'a temporal model from a per-frame model of the same trunk')
