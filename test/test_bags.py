@@ -1,5 +1,6 @@
 """Bags: reading, offline evaluation, and the evaluate command; bags are written here."""
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -321,3 +322,52 @@ def test_decision_counts_fuse_a_bags_cameras_into_one_stream():
     assert counts['decision_switch_delay_p50_s'] == pytest.approx(0.4)
     assert counts['decision_spurious_changes_per_min'] == 0.0
     assert counts['decision_accuracy'] == pytest.approx((60 - 2 * 8) / 60)
+
+
+def rounded(value):
+    """Floats to 6 places, through dicts and lists: batches of other sizes round apart."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {key: rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rounded(item) for item in value]
+    return value
+
+
+@pytest.mark.slow
+def test_evaluate_under_torchrun_shares_the_bags_out_and_merges_what_one_process_writes(
+        tmp_path):
+    from cnn_rnn_perception.tools.synth import CAMERA_MOTIONS, write_texture_motion_drive
+    bags = [str(write_texture_motion_drive(tmp_path / f'bag_{seed}', segments=2 + seed,
+                                           seed=seed, size=32, progress=False))
+            for seed in range(3)]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = CnnRnnClassifier(ModelConfig(input_size=(32, 32), hidden_size=8, num_classes=4,
+                                             temporal='gru', temporal_hidden_size=8))
+    save_checkpoint(tmp_path / 'model.pt', model, labels=sorted(CAMERA_MOTIONS))
+    common = ['evaluate', *bags, '--checkpoint', str(tmp_path / 'model.pt'), '--label-topic',
+              '/scene_label', '--device', 'cpu', '--batch-size', '4', '--no-progress']
+    single = run(*common, '--summary', str(tmp_path / 'one.json'), '--output',
+                 str(tmp_path / 'one.csv'))
+    assert single.returncode == 0, single.stderr
+    loopback = {'MASTER_ADDR': '127.0.0.1', 'GLOO_SOCKET_IFNAME': 'lo', 'OMP_NUM_THREADS': '1',
+                'CUDA_VISIBLE_DEVICES': ''}
+    double = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr',
+         '127.0.0.1', '--master_port', str(29500 + (os.getpid() + 13) % 1000), COMMAND, *common,
+         '--summary', str(tmp_path / 'two.json'), '--output', str(tmp_path / 'two.csv')],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **loopback})
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.count('accuracy') == single.stdout.count('accuracy')  # process 0 only
+    one = json.loads((tmp_path / 'one.json').read_text())
+    two = json.loads((tmp_path / 'two.json').read_text())
+    timing = {'frames_per_s', 'engine_frames_per_s', 'throughput_vs_engine', 'processes'}
+    assert two['processes'] == 2 and two['frames'] == one['frames'] > 0
+    assert rounded({key: value for key, value in one.items() if key not in timing}) == \
+        rounded({key: value for key, value in two.items() if key not in timing})
+    rows = [list(csv.reader((tmp_path / name).open())) for name in ('one.csv', 'two.csv')]
+    assert len(rows[0]) == len(rows[1]) == one['frames'] + 1
+    for a, b in zip(*rows):  # the same frames in the same order, the same labels and decisions
+        assert a[:5] + a[7:] == b[:5] + b[7:]

@@ -9,13 +9,17 @@ Each topic of each bag is one stream, with its frames' stamps: a temporal model 
 state along it and resets it by the engine's rules, exactly as in the node. Besides accuracy,
 *flicker* counts how often the label changes per minute of each stream, against how often the
 ground truth itself changes: a navigation stack acts on every change.
+
+Under ``torchrun`` the bags are shared out among the processes (whole bags: a bag's streams
+and its robot decision stay in one process), and process 0 merges the predictions into the
+one summary and predictions file a single process would write.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 import json
 from pathlib import Path
 import queue
@@ -475,6 +479,39 @@ def evaluate_bags(paths: Sequence[str], engine: EngineBase, *,
     return {'summary': summary, 'predictions': predictions}
 
 
+def merge_results(results: Sequence[dict[str, Any]], paths: Sequence[str],
+                  labels: Sequence[str]) -> dict[str, Any]:
+    """
+    Merge ``evaluate_bags`` results over disjoint shares of ``paths`` into one, as if one run.
+
+    Predictions come back in the order of ``paths``; scores are computed again over all of
+    them; throughput is all frames over the slowest share's time.
+    """
+    order = {str(path): index for index, path in enumerate(paths)}
+    predictions = sorted((p for result in results for p in result['predictions']),
+                         key=lambda p: order[p.bag])  # stable: each bag's own order kept
+    summaries = [result['summary'] for result in results]
+    bad = BadFrames()
+    for summary in summaries:
+        for topic, count in summary['bad_frames_by_topic'].items():
+            bad.counts[topic] = bad.counts.get(topic, 0) + count
+        bad.reasons.update(summary['bad_frame_reasons'])
+    seconds = [s['frames'] / s['frames_per_s'] for s in summaries if s.get('frames_per_s')]
+    engine_seconds = sum(s['frames'] / s['engine_frames_per_s'] for s in summaries
+                         if s.get('engine_frames_per_s'))
+    merged: dict[str, Any] = {
+        **summaries[0], 'bags': [str(path) for path in paths], 'frames': len(predictions),
+        'bad_frames': bad.total, 'bad_frames_by_topic': bad.counts,
+        'bad_frame_reasons': bad.reasons, 'processes': len(results),
+        'frames_per_s': len(predictions) / max(seconds) if seconds else None,
+        'engine_frames_per_s': len(predictions) / engine_seconds if engine_seconds else None}
+    merged.pop('throughput_vs_engine', None)
+    for key in ('accuracy', 'scored_frames'):
+        merged.pop(key, None)
+    merged.update(_scores_of(predictions, labels))
+    return {'summary': merged, 'predictions': predictions}
+
+
 def _scores_of(predictions: Sequence[Prediction], labels: Sequence[str]) -> dict[str, Any]:
     labelled = [p for p in predictions if p.truth is not None]
     if not labelled:
@@ -537,7 +574,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         'accuracy, per-class precision/recall, flicker (label changes per minute against the '
         "ground truth's own) and a confusion matrix. Each topic of each bag is one stream in "
         'stamp order: a temporal model carries and resets its state as in the node. '
-        '--min-accuracy makes the exit code fail below a threshold, for CI.')
+        '--min-accuracy makes the exit code fail below a threshold, for CI. Many bags over '
+        'several processes or machines: torchrun --nproc_per_node N $(which '
+        'cnn_rnn_perception) evaluate ... shares the bags out and process 0 writes the one '
+        'merged summary and predictions.')
     parser.add_argument('bags', nargs='+', metavar='BAG')
     options.add(parser, '--checkpoint', help='the model to evaluate')
     options.add(parser, '--topics', '--label-topic')
@@ -587,6 +627,56 @@ def decision_settings(args: argparse.Namespace) -> DecisionSettings:
     return settings
 
 
+def _evaluate_shared_out(args: argparse.Namespace) -> dict[str, Any] | None:
+    """
+    Evaluate ``args.bags``: all of them, or under torchrun this process's share.
+
+    Returns the (merged) result in process 0, None in the others.
+    """
+    import os
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    settings = options.engine_settings(args, max_batch=args.batch_size,
+                                       reset_after_s=args.reset_after_s)
+    if world > 1 and settings.device in ('auto', 'cuda'):
+        import torch
+        if torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
+            local = int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()
+            settings = replace(settings, device=f'cuda:{local}')
+    if world > 1:
+        import datetime
+        import torch.distributed as dist
+        # gloo carries Python objects on any machine, with or without GPUs; shares of a fleet's
+        # bags can take hours longer than others, which the collective must wait for.
+        dist.init_process_group('gloo', timeout=datetime.timedelta(hours=24))
+    share = list(args.bags)[rank::world]
+    with create_engine(args.checkpoint, settings) as engine:
+        result = evaluate_bags(share, engine, topics=args.topics,
+                               label_topic=args.label_topic, labels_csv=args.labels_csv,
+                               batch_size=args.batch_size,
+                               predictions_path=args.output if world == 1 else None,
+                               smoothing=args.smoothing,
+                               progress=not args.no_progress and rank == 0,
+                               decision=decision_settings(args),
+                               fusion_window_s=args.fusion_window_s)
+        labels = list(engine.labels)
+    if world == 1:
+        return result
+    try:
+        gathered: list[Any] = [None] * world if rank == 0 else None
+        dist.gather_object(result, gathered, dst=0)
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    merged = merge_results(gathered, [str(path) for path in args.bags], labels)
+    writer = PredictionWriter(args.output)
+    for prediction in merged['predictions']:
+        writer.write(prediction)
+    writer.close()
+    return merged
+
+
 def main(args: argparse.Namespace) -> int:
     """Score a model (or a replay recording) on bags and print the scores."""
     if args.scenes:
@@ -604,15 +694,9 @@ def main(args: argparse.Namespace) -> int:
         if not args.checkpoint:
             raise ValueError('evaluate needs --checkpoint (a trained model), or --scenes to '
                              'score a replay recording')
-        settings = options.engine_settings(args, max_batch=args.batch_size,
-                                           reset_after_s=args.reset_after_s)
-        with create_engine(args.checkpoint, settings) as engine:
-            result = evaluate_bags(args.bags, engine, topics=args.topics,
-                                   label_topic=args.label_topic, labels_csv=args.labels_csv,
-                                   batch_size=args.batch_size, predictions_path=args.output,
-                                   smoothing=args.smoothing, progress=not args.no_progress,
-                                   decision=decision_settings(args),
-                                   fusion_window_s=args.fusion_window_s)
+        result = _evaluate_shared_out(args)
+        if result is None:
+            return 0  # a process other than 0 under torchrun: process 0 reports
     summary = result['summary']
     print(f'{summary["frames"]} frames from {len(summary["bags"])} bag(s)'
           + (f', {summary["bad_frames"]} bad frames skipped' if summary.get('bad_frames') else '')
