@@ -17,6 +17,7 @@ stage adds per frame on this machine, batch 1, as the node runs it.
 from __future__ import annotations
 
 from dataclasses import replace
+import json
 from pathlib import Path
 import shutil
 import sys
@@ -78,25 +79,27 @@ def prepare_drives(cache: Path, held_out: dict[str, int]) -> dict[str, dict[str,
     return drives
 
 
-# How each model is trained. Ego-motion: both keep the trunk as initialised (random, the same
-# seed, frozen); trained on ego-motion labels, a trunk learned nothing a per-frame model can
-# use and lost what a temporal one needs (0.66 held out, against 0.95 frozen). Scenes: the
-# per-frame model trains its trunk, and the temporal one starts from it with the trunk frozen
-# (the usual LRCN recipe): on a frozen random trunk both scored 0.87 with twice the flicker.
-# The temporal scene model is also taught steadiness (a cost on changing its probabilities
-# while the true label stays). Measured over eight runs on eight held-out drives, it helped
-# on average, though one run to the next varied as much; more training drives helped most.
-# The README has the runs.
+# How each model is trained. Ego-motion: the per-frame model keeps its trunk as initialised
+# (random, frozen): trained on motion labels, a per-frame trunk learns nothing it can use. The
+# temporal model trains with train's defaults: its trunk reads each frame's change from the
+# last and learns to see motion (98.4% held out; with the trunk frozen, seeing pooled vectors
+# only, the recipe before, 94.3%). Scenes: the per-frame model trains its trunk, and the
+# temporal one starts from it with the trunk frozen (the usual LRCN recipe; on a frozen random
+# trunk both scored 0.87 with twice the flicker); a figure crossing is not motion of the
+# camera, so its trunk reads frames only (motion none). It is also taught steadiness (a cost
+# on changing its probabilities while the true label stays): measured over eight runs on
+# eight held-out drives, it helped on average, though one run to the next varied as much;
+# more training drives helped most. The README has the runs.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     'ego-motion': {
         'per-frame': {'freeze_trunk': True, 'lr': 3e-3, 'epochs': 4, 'augment': False},
-        'temporal': {'freeze_trunk': True, 'lr': 3e-3, 'epochs': 8, 'augment': False,
-                     'clip_length': 8}},
+        'temporal': {}},
     'occluded scenes': {
         'per-frame': {'freeze_trunk': False, 'lr': 1e-3, 'epochs': 3, 'augment': True},
         # Back-propagation reaches across a whole crossing (up to 1 s, 15 frames).
         'temporal': {'freeze_trunk': True, 'lr': 1e-3, 'epochs': 6, 'augment': True,
-                     'clip_length': 16, 'steadiness': 8.0, 'init_from': 'per-frame'}},
+                     'clip_length': 16, 'steadiness': 8.0, 'init_from': 'per-frame',
+                     'motion': 'none'}},
 }
 
 
@@ -111,15 +114,21 @@ def prepare_models(cache: Path, drives: dict, device: str, retrain: bool) -> dic
         for kind in ('per-frame', 'temporal'):
             output = cache / 'models' / task.replace(' ', '_') / kind
             models[task][kind] = output / 'best.pt'
-            if models[task][kind].exists() and not retrain:
+            # A model trained by another recipe (an older version of the demo) is not reused.
+            written = json.dumps({'model': MODEL, 'recipe': RECIPES[task][kind]}, default=str,
+                                 sort_keys=True)
+            if models[task][kind].exists() and not retrain \
+                    and (output / 'recipe.json').is_file() \
+                    and (output / 'recipe.json').read_text() == written:
                 _say(f'[2/4] {task}, {kind} model: cached {models[task][kind]}')
                 continue
             recipe = dict(RECIPES[task][kind])
             if 'init_from' in recipe:
                 recipe['init_from'] = str(models[task][recipe['init_from']])
             temporal = kind == 'temporal'
+            motion = recipe.pop('motion', 'frame_difference')
             settings = TrainSettings(
-                model=ModelConfig(**MODEL, temporal='gru' if temporal else ''),
+                model=ModelConfig(**MODEL, temporal='gru' if temporal else '', motion=motion),
                 batch_size=8 if temporal else 32, workers=0, device=device, val_block_s=10.0,
                 **recipe)
             trunk = 'frozen' if settings.freeze_trunk else 'trained'
@@ -134,6 +143,7 @@ def prepare_models(cache: Path, drives: dict, device: str, retrain: bool) -> dic
                     drives[task]['train'], LABEL_TOPIC, settings, progress=progress)
             train(settings, classes=classes, train_samples=train_data, val_samples=val_data,
                   output=output, progress=progress)
+            (output / 'recipe.json').write_text(written)
     return models
 
 
@@ -232,8 +242,9 @@ def run_temporal_demo(cache: str | Path = '.cache/demo-temporal', *, device: str
         (f'scenes: decided spurious changes {raw["decided"]:.1f}/min <= one fifth of '
          f'per-frame {raw["spurious"]:.1f}/min, switch delay p95 {raw["delay_p95"]:.2f} s '
          '<= 1.0 s', raw['decided'] <= raw['spurious'] / 5 and raw['delay_p95'] <= 1.0),
-        (f'temporal stage adds {temporal_ms - plain_ms:.2f} ms a frame (batch 1, CPU: '
-         f'{plain_ms:.2f} -> {temporal_ms:.2f} ms) < 1 ms', temporal_ms - plain_ms < 1.0),
+        (f'temporal stage adds {temporal_ms - plain_ms:.2f} ms a frame, '
+         f'{temporal_ms / plain_ms - 1:.0%} (batch 1, CPU: {plain_ms:.2f} -> '
+         f'{temporal_ms:.2f} ms) <= 15%', temporal_ms <= 1.15 * plain_ms),
     ]
     for text, passed in checks:
         _say(f'  {"met " if passed else "MISSED"}  {text}')
