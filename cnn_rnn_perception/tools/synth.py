@@ -489,9 +489,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--train-per-class', type=int, default=200)
     parser.add_argument('--val-per-class', type=int, default=40)
     parser.add_argument('--recordings', type=int, default=1)
-    parser.add_argument('--drive', choices=('scenes', 'occluded', 'ego-motion',
-                                             'texture-motion'),
-                        default='scenes',
+    drives = ('scenes', 'occluded', 'ego-motion', 'texture-motion')
+    parser.add_argument('--drive', choices=drives, default='scenes',
                         help='what the recordings show: scenes (default); occluded: scenes '
                              'with figures crossing close to the camera, the label unchanged; '
                              'ego-motion: a floor seen while moving, labelled forward, '
