@@ -339,9 +339,7 @@ class CnnRnnClassifier(nn.Module):
         if self.config.sees_motion:
             # Each frame's change from the one before it in the stream; a fresh stream's first
             # frame has none, and reads zero change.
-            recurrent_values = self._recurrent_values
-            pooled = self.config.hidden_size * self.config.directions
-            previous = state[:, recurrent_values + pooled:-1].view(batch, 1, *clips.shape[2:])
+            previous = self._previous_image(state).view(batch, 1, *clips.shape[2:])
             before = torch.cat([previous.to(clips.dtype), clips[:, :-1]], dim=1)
             known = torch.ones(batch, length, 1, 1, 1, dtype=clips.dtype, device=clips.device)
             known[:, 0] = state[:, -1:].view(batch, 1, 1, 1).to(clips.dtype)
@@ -366,8 +364,7 @@ class CnnRnnClassifier(nn.Module):
         """
         if not self.config.sees_motion:
             return images
-        pooled = self.config.hidden_size * self.config.directions
-        previous = state[:, self._recurrent_values + pooled:-1].view(images.shape)
+        previous = self._previous_image(state).view(images.shape)
         change = (images - previous.to(images.dtype)) * state[:, -1:].view(-1, 1, 1, 1).to(
             images.dtype)
         return torch.cat([images, change], dim=1)
@@ -380,8 +377,7 @@ class CnnRnnClassifier(nn.Module):
         ``images`` [B, 3, H, W] are the frames themselves, which a model that sees motion keeps
         in the state for the next frame's change.
         """
-        logits, state = self.temporal_steps(
-            vectors.unsqueeze(1), state, None if images is None else images)
+        logits, state = self.temporal_steps(vectors.unsqueeze(1), state, images)
         return logits[:, 0], state
 
     def temporal_steps(self, vectors: torch.Tensor, state: torch.Tensor | None = None,
@@ -418,6 +414,11 @@ class CnnRnnClassifier(nn.Module):
         else:
             new_state = self._pack(final, vectors[:, -1])
         return self.head(self.dropout(outputs)), new_state
+
+    def _previous_image(self, state: torch.Tensor) -> torch.Tensor:
+        # The flat last frame a model that sees motion keeps between vector and primed flag.
+        pooled = self.config.hidden_size * self.config.directions
+        return state[:, self._recurrent_values + pooled:-1]
 
     @property
     def _recurrent_values(self) -> int:
