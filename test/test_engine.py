@@ -8,7 +8,7 @@ from cnn_rnn_perception.core.engine import (
 from cnn_rnn_perception.core.model import (
     CnnRnnClassifier, ModelConfig, Preprocessing, save_checkpoint)
 from cnn_rnn_perception.core.preprocess import (
-    frames_to_tensor_cpu, frames_to_tensor_torch, normalisation)
+    frames_to_array_cpu, frames_to_tensor_torch, normalisation)
 import cv2
 import numpy as np
 import pytest
@@ -91,7 +91,7 @@ def test_device_preprocessing_matches_the_opencv_path():
     """The GPU resizes with torch; on the CPU both paths must give the same tensor."""
     frames = camera_frames(2)
     preprocessing = Preprocessing.for_config(CONFIG)
-    host = frames_to_tensor_cpu(frames, ['bgr', 'bgr'], preprocessing)
+    host = torch.from_numpy(frames_to_array_cpu(frames, ['bgr', 'bgr'], preprocessing))
     offset, scale = normalisation(preprocessing)
     device = frames_to_tensor_torch(torch.from_numpy(np.stack(frames)), 'bgr', preprocessing,
                                     offset, scale)

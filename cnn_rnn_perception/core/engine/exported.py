@@ -1,9 +1,10 @@
 """
 Engines for exported models: the same frame pipeline, a deployment runtime in place of torch.
 
-Frames are resized and normalised on the host exactly as the torch backend does on a CPU
-(OpenCV, then one vectorised normalisation), then handed to the runtime as a contiguous
-float32 [B, 3, H, W] array; what comes back is already probabilities (the export includes the
+Frames are resized and normalised on the host by OpenCV alone (no torch op runs on this path:
+one would wake torch's OpenMP pool, whose threads spin after it and took 5 ms a frame from the
+runtime's own pool on two cores), then handed to the runtime as a contiguous float32
+[B, 3, H, W] array; what comes back is already probabilities (the export includes the
 softmax). ``onnxruntime_backend`` and ``openvino_backend`` supply only ``_load`` and ``_run``.
 """
 
@@ -14,10 +15,9 @@ import os
 import time
 
 from cnn_rnn_perception.core.engine.base import EngineBase, EngineSettings
-from cnn_rnn_perception.core.engine.export_format import read_exported
-from cnn_rnn_perception.core.preprocess import frames_to_tensor_cpu
+from cnn_rnn_perception.core.engine.export_format import read_export_metadata, read_exported
+from cnn_rnn_perception.core.preprocess import frames_to_array_cpu
 import numpy as np
-import torch
 
 
 class ExportedEngine(EngineBase):
@@ -32,7 +32,10 @@ class ExportedEngine(EngineBase):
                          settings=settings)
         self.config = info.config
         self.path = os.fspath(path)
-        self.dtype = torch.float32
+        metadata = read_export_metadata(path)
+        # What the file computes in, and for a reduced-precision file the accuracy it passed.
+        self.file_precision: str = metadata['precision']
+        self.acceptance: dict = metadata.get('acceptance') or {}
         try:
             self._load(self.path, settings.device)
             self.warmup()
@@ -63,10 +66,14 @@ class ExportedEngine(EngineBase):
 
     def _probabilities(self, frames: list[np.ndarray], orders: list[str],
                        slots: list[int], fresh: list[bool]) -> tuple[np.ndarray, float]:
-        images = np.ascontiguousarray(
-            frames_to_tensor_cpu(frames, orders, self.preprocessing).numpy())
+        images = frames_to_array_cpu(frames, orders, self.preprocessing)
         ready = time.perf_counter()
         return self._run(images), ready
+
+    @property
+    def precision(self) -> str:
+        """Return what the model computes in: fp32, bf16 or int8."""
+        return self.file_precision
 
     def describe(self) -> str:
         """Return a one-line summary for logs and diagnostics."""
@@ -75,5 +82,5 @@ class ExportedEngine(EngineBase):
                  f'{config.rnn}({config.hidden_size})']
         words += ['bidirectional'] if config.bidirectional else []
         words += [config.pooling, f'{config.input_size[0]}x{config.input_size[1]}',
-                  f'on {self.target}', 'fp32']
+                  f'on {self.target}', self.precision]
         return ' '.join(words)
