@@ -21,10 +21,11 @@ setup(
     install_requires=['setuptools', 'numpy', 'opencv-python-headless', 'torch', 'torchvision',
                       'rosbags', 'rosbags-image', 'tqdm', 'pyyaml', 'psutil', 'matplotlib'],
     # bench-order reads scikit-learn's bundled handwritten digits; the node never needs it.
-    # export and the onnxruntime / openvino backends; the torch backend needs neither.
+    # export and the onnxruntime / openvino backends (nncf: int8 quantization); the torch
+    # backend needs neither.
     extras_require={'bench': ['scikit-learn'],
                     'onnx': ['onnx', 'onnxscript', 'onnxruntime'],
-                    'openvino': ['onnx', 'onnxscript', 'openvino']},
+                    'openvino': ['onnx', 'onnxscript', 'openvino', 'nncf']},
     zip_safe=True,
     maintainer='cnn_rnn_perception maintainers',
     maintainer_email='maintainers@cnn-rnn-perception.invalid',

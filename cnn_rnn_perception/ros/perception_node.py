@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from cnn_rnn_perception.core.engine import create_engine, inspect_model_file, precision_name
+from cnn_rnn_perception.core.engine import create_engine, inspect_model_file
 from cnn_rnn_perception.core.image_conversion import (
     annotated_bgr, ImageRejected, message_to_frame)
 from cnn_rnn_perception.core.navigation import load_policy, RobotDecision, ScenePolicy, STALE
@@ -769,7 +769,7 @@ class PerceptionNode(LifecycleNode):
             if choice is not None:
                 common['backend_choice'] = choice.summary()
             common.update(device=str(model.engine.device),
-                          precision=precision_name(model.engine.dtype),
+                          precision=model.engine.precision,
                           model=model.engine.describe())
         problem = self._node_problem()
         silent_after = float(self.get_parameter('silent_after_s').value)

@@ -5,21 +5,39 @@ The file format itself (what goes in, how the engines read it) is ``core.engine.
 Before an export is called a success it is run on generated camera frames through the same
 preprocessing as the torch model, and the largest probability difference from the fp32 eager
 model must be within ``PARITY_FP32``; otherwise the file is removed and the export fails.
+
+Reduced precision (``--int8``, ``--bf16``, OpenVINO IR) is written beside the fp32 file and
+kept only if it passes the accuracy gate on labelled held-out bags (``--validation``): its
+accuracy within ``MAX_ACCURACY_DROP`` of the fp32 file's, and its top-1 the same as the fp32
+file's on at least ``MIN_AGREEMENT`` of the frames. int8 is NNCF's post-training quantization,
+calibrated on frames of the user's own bags (``--calibration``).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 import os
 from pathlib import Path
+import time
+from typing import Any, Sequence
 
-from cnn_rnn_perception.core.engine import EngineSettings, open_exported, TorchEngine
+from cnn_rnn_perception.core.engine import cpu_has_bf16, EngineSettings, open_exported, TorchEngine
 from cnn_rnn_perception.core.engine.export_format import (
-    check_exportable, export_onnx, export_openvino, FORMATS, PARITY_FP32)
+    check_exportable, export_onnx, export_openvino, FORMATS, INT8_SCOPES, PARITY_FP32,
+    read_exported, REDUCED_PRECISIONS, set_acceptance, write_openvino_variant)
+from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
 from cnn_rnn_perception.core.model import CnnRnnClassifier, load_checkpoint, Preprocessing
+from cnn_rnn_perception.core.preprocess import frames_to_array_cpu
 from cnn_rnn_perception.core.sample_frames import selftest_frames
 from cnn_rnn_perception.tools import options
+from cnn_rnn_perception.tools.bags import BagFrame, BagSource
+import numpy as np
+
+# The accuracy gate a reduced-precision file must pass to be kept.
+MAX_ACCURACY_DROP = 0.005  # accuracy, as a fraction: 0.5 points
+MIN_AGREEMENT = 0.99  # of frames whose top-1 is the fp32 file's
+REFUSED_EXIT_CODE = 3
 
 
 @dataclass
@@ -68,6 +86,129 @@ def export(model: CnnRnnClassifier, labels: list[str], preprocessing: Preprocess
     return ExportReport(str(output), fmt, difference, frames, size)
 
 
+@dataclass
+class Gate:
+    """One reduced-precision file against the fp32 file on the labelled held-out frames."""
+
+    precision: str
+    accepted: bool
+    accuracy: float
+    fp32_accuracy: float
+    agreement: float
+    frames: int
+    ms_per_frame: float
+    fp32_ms_per_frame: float
+    path: str | None  # None: refused, and removed
+    reason: str = ''
+
+    def acceptance(self) -> dict[str, Any]:
+        """Return what the file records about the gate it passed."""
+        return {key: value for key, value in asdict(self).items()
+                if key not in ('accepted', 'path', 'reason')}
+
+
+def calibration_frames(bags: Sequence[str], preprocessing: Preprocessing, count: int,
+                       topics: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Return up to ``count`` frames spread evenly over the bags, preprocessed as the engine."""
+    records = list(_frames(bags, topics))
+    if not records:
+        raise ValueError(f'no readable image frames in the calibration bags {list(bags)}')
+    picked = np.linspace(0, len(records) - 1, min(count, len(records))).round().astype(int)
+    return [frames_to_array_cpu([records[i][1]], [records[i][2]], preprocessing)
+            for i in sorted(set(picked.tolist()))]
+
+
+def _frames(bags: Sequence[str], topics: Sequence[str] | None, label_topic: str | None = None
+            ) -> list[tuple[BagFrame, np.ndarray, str]]:
+    records = []
+    for path in bags:
+        with BagSource(path) as bag:
+            labels = bag.labels(label_topic) if label_topic else None
+            for item in bag.frames(bag.image_topics(topics), labels):
+                if not isinstance(item, BagFrame):
+                    continue
+                try:
+                    frame, order = message_to_frame(item.message)
+                except ImageRejected:
+                    continue  # calibration and the gate use the frames the node would use
+                item.message = None
+                records.append((item, frame, order))
+    return records
+
+
+def _predict(path: Path, records: list[tuple[BagFrame, np.ndarray, str]]
+             ) -> tuple[list[str], float]:
+    """Return each frame's top-1 and the milliseconds per frame at batch 1, on OpenVINO."""
+    with open_exported(path, EngineSettings(device='cpu', backend='openvino')) as engine:
+        labels, seconds = [], 0.0
+        for _, frame, order in records:
+            started = time.perf_counter()
+            labels.append(engine.infer([frame], color_order=order)[0].label)
+            seconds += time.perf_counter() - started
+    return labels, seconds * 1e3 / len(records)
+
+
+def gate_reduced(fp32_path: str | os.PathLike, precision: str, *,
+                 validation: Sequence[str], label_topic: str,
+                 calibration: Sequence[str] = (), calibration_count: int = 300,
+                 int8_scope: str = 'trunk', topics: Sequence[str] | None = None) -> Gate:
+    """
+    Write the ``precision`` variant of an fp32 OpenVINO file, then keep it only if it passes.
+
+    Both files classify every labelled frame of the ``validation`` bags; the variant is kept
+    when its accuracy is within ``MAX_ACCURACY_DROP`` of fp32's and its top-1 equals fp32's on
+    at least ``MIN_AGREEMENT`` of them. Otherwise it is removed, and the fp32 file stays.
+    """
+    if precision not in REDUCED_PRECISIONS:
+        raise ValueError(f'precision must be one of {", ".join(REDUCED_PRECISIONS)}')
+    if precision == 'bf16' and not cpu_has_bf16():
+        raise ValueError('this CPU has no bf16 units (avx512_bf16, AMX): OpenVINO would compute '
+                         'in f32 here, so the bf16 file cannot be checked; export on a CPU '
+                         "that has them (the robot's, or one like it)")
+    fp32_path = Path(fp32_path)
+    records = [record for record in _frames(validation, topics, label_topic)
+               if record[0].label is not None]
+    if not records:
+        raise ValueError(f'the validation bags {list(validation)} have no frames labelled on '
+                         f'{label_topic!r}: give a labelled held-out bag and its --label-topic '
+                         '(a std_msgs/String topic)')
+    preprocessing = read_exported(fp32_path).preprocessing
+    calibrated = (calibration_frames(calibration, preprocessing, calibration_count, topics)
+                  if precision == 'int8' else [])
+    path = write_openvino_variant(fp32_path, precision, calibrated,
+                                  subset_size=calibration_count, int8_scope=int8_scope)
+    try:
+        truths = [record[0].label for record in records]
+        fp32_labels, fp32_ms = _predict(fp32_path, records)
+        labels, ms = _predict(path, records)
+    except BaseException:
+        _remove(path)
+        raise
+    gate = Gate(precision=precision, accepted=False,
+                accuracy=float(np.mean([a == b for a, b in zip(labels, truths)])),
+                fp32_accuracy=float(np.mean([a == b for a, b in zip(fp32_labels, truths)])),
+                agreement=float(np.mean([a == b for a, b in zip(labels, fp32_labels)])),
+                frames=len(records), ms_per_frame=ms, fp32_ms_per_frame=fp32_ms, path=None)
+    drop = gate.fp32_accuracy - gate.accuracy
+    reasons = ([f'accuracy drops {100 * drop:.1f} points (at most '
+                f'{100 * MAX_ACCURACY_DROP:.1f} allowed)'] if drop > MAX_ACCURACY_DROP else [])
+    reasons += ([f'top-1 agrees with fp32 on {100 * gate.agreement:.1f}% of frames (at least '
+                 f'{100 * MIN_AGREEMENT:.0f}% needed)'] if gate.agreement < MIN_AGREEMENT
+                else [])
+    if reasons:
+        _remove(path)
+        gate.reason = '; '.join(reasons)
+        return gate
+    gate.accepted, gate.path = True, str(path)
+    set_acceptance(path, gate.acceptance())
+    return gate
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_suffix('.bin').unlink(missing_ok=True)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the export command's flags."""
     parser.description = (
@@ -81,10 +222,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='onnx (ONNX Runtime, TensorRT) or openvino (IR: .xml and .bin)')
     options.add(parser, '--output', required=True, metavar='PATH',
                 help='model.onnx, or model.xml for openvino')
+    reduced = parser.add_argument_group(
+        'reduced precision (openvino): written beside the fp32 file (model.int8.xml, '
+        'model.bf16.xml) and kept only if, on the labelled --validation bags, its accuracy is '
+        f'within {100 * MAX_ACCURACY_DROP:.1f} points of fp32 and its top-1 agrees with fp32 on '
+        f'at least {100 * MIN_AGREEMENT:.0f}% of frames; otherwise removed, the fp32 file kept, '
+        f'and the exit code is {REFUSED_EXIT_CODE}. Backend auto in the node finds the kept '
+        'ones and times them with the rest')
+    reduced.add_argument('--int8', action='store_true',
+                         help="int8 weights and activations (NNCF's post-training "
+                              'quantization): fastest on CPUs with VNNI or AMX')
+    reduced.add_argument('--bf16', action='store_true',
+                         help='computed in bf16 (CPUs with avx512_bf16 or AMX; export on one)')
+    reduced.add_argument('--calibration', nargs='+', metavar='BAG', default=[],
+                         help="with --int8: bags of the robot's own cameras, whose frames set "
+                              'the int8 activation ranges (not the validation bags)')
+    reduced.add_argument('--calibration-frames', type=int, default=300, metavar='N',
+                         help='frames taken evenly from the calibration bags (default: 300)')
+    reduced.add_argument('--int8-scope', choices=tuple(INT8_SCOPES), default='trunk',
+                         help="trunk: the CNN's convolutions, where the time goes; the "
+                              'recurrent encoder and head stay in float. all: every op NNCF '
+                              'can quantize, the RNN too (on the demo model the gate refuses '
+                              'it). Default: %(default)s')
+    reduced.add_argument('--validation', nargs='+', metavar='BAG', default=[],
+                         help='labelled held-out bags the accuracy gate runs on')
+    options.add(reduced, '--label-topic', '--topics')
 
 
 def main(args: argparse.Namespace) -> int:
     """Export, check and report."""
+    check_reduced_arguments(args)
     checkpoint = load_checkpoint(args.checkpoint)
     print(f'exporting {args.checkpoint} ({checkpoint.config.backbone} '
           f'{checkpoint.config.sequence} {checkpoint.config.rnn}) to {args.format}')
@@ -94,4 +261,41 @@ def main(args: argparse.Namespace) -> int:
           f'in its metadata, batch size dynamic')
     print(f'parity on {report.frames} generated frames: max |p - torch fp32| = '
           f'{report.max_abs_diff:.2e} (limit {PARITY_FP32:.0e})')
-    return 0
+    refused = False
+    for precision in [name for name in REDUCED_PRECISIONS if getattr(args, name)]:
+        gate = gate_reduced(report.path, precision, validation=args.validation,
+                            label_topic=args.label_topic, calibration=args.calibration,
+                            calibration_count=args.calibration_frames,
+                            int8_scope=args.int8_scope, topics=args.topics)
+        print(format_gate(gate))
+        refused |= not gate.accepted
+    return REFUSED_EXIT_CODE if refused else 0
+
+
+def format_gate(gate: Gate) -> str:
+    """Say what the gate measured and what became of the file."""
+    figures = (f'accuracy {100 * gate.accuracy:.1f}% (fp32 {100 * gate.fp32_accuracy:.1f}%), '
+               f'top-1 agreement with fp32 {100 * gate.agreement:.1f}% on {gate.frames} '
+               f'held-out frames; {gate.ms_per_frame:.1f} ms a frame against '
+               f'{gate.fp32_ms_per_frame:.1f} in fp32')
+    if gate.accepted:
+        return f'{gate.precision}: accepted, wrote {gate.path}: {figures}'
+    return f'{gate.precision}: REFUSED ({gate.reason}), the fp32 file is kept: {figures}'
+
+
+def check_reduced_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any work, what a reduced-precision export cannot do as asked."""
+    wanted = [name for name in REDUCED_PRECISIONS if getattr(args, name)]
+    if not wanted:
+        return
+    if args.format != 'openvino':
+        raise ValueError(f'--{wanted[0]} is written for --format openvino (OpenVINO IR, '
+                         'quantized by NNCF); export with --format openvino --output model.xml')
+    if not args.validation or not args.label_topic:
+        raise ValueError('a reduced-precision file is kept only after its accuracy gate: give '
+                         '--validation BAG... (labelled, held out) and --label-topic TOPIC')
+    if args.int8 and not args.calibration:
+        raise ValueError('--int8 calibrates on your own frames: give --calibration BAG... '
+                         "(the robot's cameras; not the validation bags)")
+    if args.calibration_frames < 1:
+        raise ValueError('--calibration-frames must be >= 1')

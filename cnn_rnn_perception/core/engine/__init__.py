@@ -9,12 +9,11 @@ results, timings and errors. ``streams`` keeps each camera's row of a temporal m
 """
 
 from cnn_rnn_perception.core.engine.base import (
-    BACKENDS, DEVICES_HELP, EngineBase, EngineSettings, FrameResult, parse_device_name,
-    precision_name, PRECISIONS, resolve_device, resolve_precision, StageTimes)
+    BACKENDS, cpu_has_bf16, DEVICES_HELP, EngineBase, EngineSettings, FrameResult,
+    parse_device_name, precision_name, PRECISIONS, resolve_device, resolve_precision, StageTimes)
 from cnn_rnn_perception.core.engine.export_format import inspect_model_file, is_exported
 from cnn_rnn_perception.core.engine.factory import (
-    BackendChoice, choose_backend, cpu_has_bf16, create_engine, installed_backends, model_parts,
-    open_exported)
+    BackendChoice, choose_backend, create_engine, installed_backends, model_parts, open_exported)
 from cnn_rnn_perception.core.engine.torch_backend import (
     compile_scope, fold_batch_norm, TorchEngine)
 

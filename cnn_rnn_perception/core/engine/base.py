@@ -49,6 +49,10 @@ class EngineSettings:
     # Temporal models only: a stream whose frames are further apart than this starts afresh.
     reset_after_s: float = 1.0
     max_streams: int = 64
+    # backend auto times each candidate with its calls this far apart (the cameras' rate):
+    # between frames the runtimes' thread pools go to sleep, which changes which is fastest
+    # (10 ms back to back measured 16.5 ms at 15 Hz). 0: back to back.
+    auto_rate_hz: float = 15.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -65,6 +69,8 @@ class EngineSettings:
         check_reset_after(self.reset_after_s)
         if self.max_streams < 1:
             raise ValueError(f'max_streams must be >= 1; got {self.max_streams}')
+        if not 0.0 <= self.auto_rate_hz <= 1000.0:
+            raise ValueError(f'auto_rate_hz must be in [0, 1000]; got {self.auto_rate_hz}')
 
 
 def parse_device_name(name: str) -> str:
@@ -107,6 +113,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == 'fp16' and device.type == 'cpu':
         raise ValueError('precision fp16 is for GPUs; use bf16 or fp32 on the CPU')
     return _DTYPES[precision]
+
+
+def cpu_flags() -> set[str]:
+    """Return this CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            return set(next((line for line in cpuinfo if line.startswith('flags')), '').split())
+    except OSError:
+        return set()
+
+
+def cpu_has_bf16() -> bool:
+    """Return whether this CPU has bf16 arithmetic (avx512_bf16 or AMX)."""
+    return bool({'avx512_bf16', 'amx_bf16'} & cpu_flags())
 
 
 def precision_name(dtype: torch.dtype) -> str:
@@ -317,6 +337,11 @@ class EngineBase(abc.ABC):
     def stream_status(self) -> dict[Hashable, StreamStatus]:
         """Return what each stream's temporal state has seen (empty for per-frame models)."""
         return self.streams.status() if self.temporal else {}
+
+    @property
+    def precision(self) -> str:
+        """Return what the model computes in: fp32, fp16, bf16 or int8."""
+        return precision_name(getattr(self, 'dtype', torch.float32))
 
     def describe(self) -> str:
         """Return a one-line summary for logs and diagnostics."""

@@ -7,12 +7,16 @@ Intel CPUs, integrated GPUs and NPUs. ``device: cpu`` or ``auto`` runs on the CP
 
 from __future__ import annotations
 
+import logging
 import os
 
+from cnn_rnn_perception.core.engine.base import cpu_has_bf16
 from cnn_rnn_perception.core.engine.export_format import require
 from cnn_rnn_perception.core.engine.exported import ExportedEngine
 import numpy as np
 import torch
+
+_LOG = logging.getLogger('cnn_rnn_perception.core.engine')
 
 
 class OpenVinoEngine(ExportedEngine):
@@ -32,11 +36,17 @@ class OpenVinoEngine(ExportedEngine):
             raise ValueError(f'OPENVINO_DEVICE={self.target} is not here; OpenVINO sees '
                              f'{core.available_devices}')
         self.device = torch.device('cpu')
-        # f32 explicitly: on CPUs with bf16 units the CPU plugin computes in bf16 by default,
-        # which moved probabilities by 1.4e-3 here, 14 times the fp32 parity limit.
+        # f32 explicitly unless the file is the bf16 variant: on CPUs with bf16 units the CPU
+        # plugin computes in bf16 by default, which moved probabilities by 1.4e-3 here, 14 times
+        # the fp32 parity limit. An int8 file's unquantized ops stay f32, as they were when it
+        # passed its accuracy gate.
+        hint = 'bf16' if self.file_precision == 'bf16' else 'f32'
+        if hint == 'bf16' and self.target == 'CPU' and not cpu_has_bf16():
+            _LOG.warning('%s is the bf16 variant, and this CPU has no bf16 units (avx512_bf16, '
+                         'AMX): OpenVINO runs it in f32; use the fp32 file', path)
         compiled = core.compile_model(core.read_model(path), self.target,
                                       {'PERFORMANCE_HINT': 'LATENCY',
-                                       'INFERENCE_PRECISION_HINT': 'f32'})
+                                       'INFERENCE_PRECISION_HINT': hint})
         self._request = compiled.create_infer_request()
         self._compiled = compiled
 
