@@ -60,8 +60,12 @@ _NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
                   'fp32 on the CPU), fp32, fp16 or bf16.', choices=PRECISIONS),
     ParameterSpec('compile', True, 'torch.compile the trunk: faster frames, a slower start.'),
     ParameterSpec('backend', 'torch', 'What runs the model: torch, onnxruntime, openvino, or '
-                  'auto (times each installed one at start and keeps the fastest that agrees '
-                  'with torch).', choices=BACKENDS),
+                  'auto (times each installed one at start, and the int8 and bf16 files export '
+                  'accepted beside an exported model, and keeps the fastest that agrees with '
+                  'torch).', choices=BACKENDS),
+    ParameterSpec('auto_rate_hz', 15.0, 'With backend auto: time each candidate at this frame '
+                  "rate, the cameras' (runtimes' thread pools sleep between frames, which "
+                  'changes which is fastest); 0 = back to back.', minimum=0.0, maximum=1000.0),
     ParameterSpec('max_rate_hz', 0.0, 'Most inference batches per second; 0 = as fast as '
                   'frames come. Frames in between are dropped as stale.', live=True,
                   minimum=0.0, maximum=1000.0),
@@ -289,7 +293,7 @@ def engine_settings(values: dict[str, Any], camera_count: int, *,
     """
     return EngineSettings(device=values['device'], precision=values['precision'],
                           compile_trunk=compiled, max_batch=max(camera_count, 1),
-                          backend=values['backend'],
+                          backend=values['backend'], auto_rate_hz=values['auto_rate_hz'],
                           reset_after_s=values['temporal.reset_after_s'],
                           max_streams=max(EngineSettings.max_streams, camera_count))
 

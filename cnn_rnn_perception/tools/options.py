@@ -124,6 +124,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                             'openvino (exported on the fly from a checkpoint), or auto: time '
                             'each installed one here and keep the fastest that agrees '
                             '(default: torch)')
+    group.add_argument('--auto-rate-hz', type=float, default=15.0,
+                       help='with --backend auto: time each candidate at this frame rate, as '
+                            'frames reach the node (0: back to back; default: %(default)s)')
 
 
 def engine_settings(args: argparse.Namespace, **overrides: Any):
@@ -134,7 +137,7 @@ def engine_settings(args: argparse.Namespace, **overrides: Any):
                      else getattr(args, 'compile', True))
     return EngineSettings(**{'device': args.device, 'precision': args.precision,
                              'backend': args.backend, 'compile_trunk': compile_trunk,
-                             **overrides})
+                             'auto_rate_hz': args.auto_rate_hz, **overrides})
 
 
 def add_model_arguments(parser: argparse.ArgumentParser,

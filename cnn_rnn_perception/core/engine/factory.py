@@ -1,8 +1,9 @@
 """
 One way to build an engine: from a checkpoint, an exported file or a config, on any backend.
 
-``backend: auto`` measures instead of guessing: it builds every backend installed here, times
-each on frames of the real input shape, checks each against the fp32 torch model, and keeps
+``backend: auto`` measures instead of guessing: it builds every backend installed here (and
+the accepted reduced-precision files beside an exported one), times each on frames of the
+real input shape at the cameras' rate, checks each against the fp32 torch model, and keeps
 the fastest that agrees. A precision the CPU has no units for (bf16 without avx512_bf16 or
 AMX) is never what ``auto`` picks; asked for explicitly, it is run, with a warning.
 """
@@ -18,9 +19,10 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
-from cnn_rnn_perception.core.engine.base import EngineBase, EngineSettings, resolve_device
+from cnn_rnn_perception.core.engine.base import (
+    cpu_has_bf16, EngineBase, EngineSettings, resolve_device)
 from cnn_rnn_perception.core.engine.export_format import (
-    export_onnx, inspect_model_file, is_exported, PARITY_FP32)
+    export_onnx, inspect_model_file, is_exported, PARITY_FP32, reduced_variants)
 from cnn_rnn_perception.core.engine.exported import ExportedEngine
 from cnn_rnn_perception.core.engine.onnxruntime_backend import OnnxRuntimeEngine
 from cnn_rnn_perception.core.engine.openvino_backend import OpenVinoEngine
@@ -45,16 +47,6 @@ def installed_backends() -> list[str]:
                         if importlib.util.find_spec(module) is not None]
 
 
-def cpu_has_bf16() -> bool:
-    """Return whether this CPU has bf16 arithmetic (avx512_bf16 or AMX)."""
-    try:
-        with open('/proc/cpuinfo') as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith('flags')), '')
-    except OSError:
-        return False
-    return 'avx512_bf16' in flags or 'amx_bf16' in flags
-
-
 @dataclass
 class BackendChoice:
     """What ``auto`` measured and what it chose, for the log and /diagnostics."""
@@ -63,11 +55,27 @@ class BackendChoice:
     ms_per_frame: dict[str, float] = field(default_factory=dict)
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    rate_hz: float = 0.0
+    # A reduced-precision candidate's accuracy gate, as its file records it.
+    acceptance: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> str:
-        times = ', '.join(f'{name} {ms:.1f} ms' for name, ms in self.ms_per_frame.items())
+        cadence = f'at {self.rate_hz:g} Hz' if self.rate_hz else 'back to back'
+        times = ', '.join(f'{name} {ms:.1f} ms' for name, ms in
+                          sorted(self.ms_per_frame.items(), key=lambda item: item[1]))
         failed = ''.join(f'; {name} failed: {why}' for name, why in self.failed.items())
-        return f'backend auto chose {self.chosen} ({times}{failed})'
+        gate = self.acceptance.get(self.chosen)
+        accepted = (f'; {self.chosen} passed its accuracy gate: {describe_acceptance(gate)}'
+                    if gate else '')
+        return (f'backend auto chose {self.chosen}, the fastest {cadence} ({times}'
+                f'{failed}){accepted}')
+
+
+def describe_acceptance(gate: dict[str, Any]) -> str:
+    """Return an accuracy gate's figures in words (what export printed when it accepted)."""
+    return (f'accuracy {100 * gate["accuracy"]:.1f}% against fp32 '
+            f'{100 * gate["fp32_accuracy"]:.1f}%, top-1 agreement '
+            f'{100 * gate["agreement"]:.1f}% on {gate["frames"]} held-out frames')
 
 
 def open_exported(path: str | os.PathLike, settings: EngineSettings) -> ExportedEngine:
@@ -137,14 +145,58 @@ def create_engine(source: str | os.PathLike | None, settings: EngineSettings, *,
     return engine
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    name: str  # as the summary names it: a backend, and a precision where it is reduced
+    source: str | os.PathLike | None
+    settings: EngineSettings
+
+
+def _torch_precision(settings: EngineSettings) -> str:
+    if settings.precision == 'bf16' and not cpu_has_bf16() and \
+            resolve_device(settings.device, quiet=True).type == 'cpu':
+        return 'fp32'  # auto never picks what this CPU cannot run fast
+    return settings.precision
+
+
+def _candidates(source: str | os.PathLike | None, config: ModelConfig | None,
+                settings: EngineSettings, choice: BackendChoice) -> list[_Candidate]:
+    """Every backend (and accepted reduced-precision file) that could run this model here."""
+    exported = bool(source) and is_exported(source)
+    if _is_temporal(source, config):
+        return [_Candidate('torch', source, replace(settings, backend='torch'))]
+    precision = _torch_precision(settings)
+    candidates = []
+    for name in installed_backends():
+        if exported and (name == 'torch' or name == 'onnxruntime'
+                         and Path(source).suffix.lower() != '.onnx'):
+            continue  # torch runs checkpoints only; ONNX Runtime reads ONNX only
+        candidates.append(_Candidate(name, source, replace(
+            settings, backend=name, precision=precision if name == 'torch' else 'fp32')))
+    if exported and 'openvino' in installed_backends():
+        for file_precision, path in reduced_variants(source).items():
+            name = f'openvino {file_precision}'
+            if file_precision == 'bf16' and not cpu_has_bf16():
+                choice.failed[name] = 'this CPU has no bf16 units (avx512_bf16, AMX)'
+                continue
+            candidates.append(_Candidate(name, path, replace(settings, backend='openvino',
+                                                             precision='fp32')))
+    return candidates
+
+
 def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *,
                    config: ModelConfig | None = None, labels: Sequence[str] | None = None,
                    seed: int = 0, frame_shape: tuple[int, int, int] = (480, 640, 3),
-                   timed_frames: int = 8, rounds: int = 6,
+                   timed_frames: int = 8, rounds: int = 4,
                    on_worker: Callable[[Callable[[], Any]], Any] = _here
                    ) -> tuple[EngineBase, BackendChoice]:
     """
     Build every installed backend, time it, check it; return the fastest that agrees.
+
+    Beside an exported file, its accepted reduced-precision variants (``model.int8.xml``,
+    ``model.bf16.xml``) are candidates too: their accuracy gate was passed at export, on
+    labelled frames, so they are not held to fp32 parity here. Each candidate is timed with
+    its calls ``settings.auto_rate_hz`` apart, as frames reach the node.
 
     ``on_worker(task)`` runs the timing rounds (not the builds) and, for torch, CUDA-graph
     captures: the node runs them in its inference worker's thread, between batches, so
@@ -152,40 +204,34 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
     Runtime, 12 ms alone) and each backend is timed in the thread it will run in.
     """
     frames = camera_frames(timed_frames, frame_shape[0], frame_shape[1], seed=7)
-    candidates = [name for name in installed_backends()
-                  if not (source and is_exported(source) and name == 'torch')]
-    if _is_temporal(source, config):
-        candidates = ['torch']  # export refuses temporal models: only torch carries state
-    precision = settings.precision
-    if precision == 'bf16' and resolve_device(settings.device, quiet=True).type == 'cpu' \
-            and not cpu_has_bf16():
-        precision = 'fp32'  # auto never picks what this CPU cannot run fast
+    choice = BackendChoice(chosen='', rate_hz=settings.auto_rate_hz)
+    candidates = _candidates(source, config, settings, choice)
     reference = None
     if not (source and is_exported(source)):
         with create_engine(source, replace(settings, backend='torch', precision='fp32',
                                            compile_trunk=False, static_buffers=False),
                            config=config, labels=labels, seed=seed) as torch_fp32:
             reference = [r.probabilities for r in torch_fp32.infer(frames[:2])]
-    choice = BackendChoice(chosen='')
     engines: dict[str, EngineBase] = {}
     # Whatever fails from here on (a build, a timing or agreement call, no agreement), the
     # engines built so far are closed: each holds a model and a runtime's threads.
     try:
-        for name in candidates:
+        for candidate in candidates:
             try:
-                engine = create_engine(source, replace(settings, backend=name, precision=precision
-                                                       if name == 'torch' else 'fp32'),
-                                       config=config, labels=labels, seed=seed,
-                                       on_worker=on_worker)
+                engine = create_engine(candidate.source, candidate.settings, config=config,
+                                       labels=labels, seed=seed, on_worker=on_worker)
             except Exception as error:  # a backend that cannot load is reported, not fatal
-                choice.failed[name] = str(error)
+                choice.failed[candidate.name] = str(error)
                 continue
-            engines[name] = engine
+            engines[candidate.name] = engine
+            if getattr(engine, 'acceptance', None):
+                choice.acceptance[candidate.name] = engine.acceptance
             engine.infer(frames[:1])  # the first call of a new frame shape
             if reference is not None:
                 got = [r.probabilities for r in engine.infer(frames[:2])]
-                choice.max_abs_diff[name] = max(float(np.abs(a - b).max())
-                                                for a, b in zip(got, reference))
+                choice.max_abs_diff[candidate.name] = max(float(np.abs(a - b).max())
+                                                          for a, b in zip(got, reference))
+        period = 1.0 / settings.auto_rate_hz if settings.auto_rate_hz else 0.0
         # Rounds alternate between the backends: in a node, the engine being replaced keeps
         # classifying meanwhile, and measured one after another each backend met other load (one
         # measured 9.7 ms that way ran at 18 ms). Interleaved, the load falls on all alike.
@@ -199,17 +245,20 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
                     # Runtimes' thread pools spin on after a call; timed right after another
                     # backend, compiled torch read 18 ms for its 12. So each block starts after
                     # a pause and an untimed call.
-                    time.sleep(0.05)
+                    time.sleep(max(period, 0.05))
                     engine.infer(frames[round_index % len(frames):][:1])
+                    elapsed = 0.0
                     for frame in frames[round_index % len(frames):][:3]:
+                        time.sleep(max(period - elapsed, 0.0))
                         started = time.perf_counter()
                         engine.infer([frame])
-                        times[name].append(time.perf_counter() - started)
+                        elapsed = time.perf_counter() - started
+                        times[name].append(elapsed)
             return times
 
         for name, samples in on_worker(time_rounds).items():
             choice.ms_per_frame[name] = float(np.median(samples)) * 1e3
-        tolerance = PARITY_FP32 if precision == 'fp32' else 3e-2
+        tolerance = PARITY_FP32 if _torch_precision(settings) == 'fp32' else 3e-2
         agreeing = [name for name in engines
                     if choice.max_abs_diff.get(name, 0.0) <= tolerance]
         if not agreeing:
