@@ -132,8 +132,15 @@ def test_export_and_bench_backends_from_the_command_line(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(report_path.read_text())['rows']
     assert [row['path'].split()[0] for row in rows] == ['seed', 'torch', 'onnxruntime',
-                                                        'openvino']
+                                                        'onnxruntime', 'openvino', 'openvino']
+    # Each exported backend sits beside its runtime called plainly on the same file.
+    assert [row['path'].endswith('called plainly') for row in rows] == [
+        False, False, False, True, False, True]
+    assert [row['vs_plain'] is not None for row in rows] == [
+        False, False, True, False, True, False]
     assert all(row['max_abs_diff'] <= 1e-4 for row in rows)
+    assert "batch 1, fp32: the engine's best" in result.stdout
+    assert 'CPU flags:' in result.stdout
 
 
 def test_auto_closes_every_engine_it_built_when_a_measurement_fails(checkpoint, monkeypatch):

@@ -8,6 +8,7 @@ import platform
 import threading
 from typing import Sequence
 
+from cnn_rnn_perception.core.engine.base import cpu_flags
 import psutil
 import torch
 
@@ -51,6 +52,18 @@ def gpu_peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+# The CPU features that decide how fast each precision runs: fp32 (AVX2, AVX-512), int8 (VNNI,
+# AMX-INT8), bf16 (AVX512_BF16, AMX-BF16).
+INFERENCE_FLAGS = ('avx2', 'avx512f', 'avx_vnni', 'avx512_vnni', 'avx512_bf16', 'amx_int8',
+                   'amx_bf16')
+
+
+def inference_cpu_flags() -> list[str]:
+    """Return which of ``INFERENCE_FLAGS`` this CPU has (empty where /proc/cpuinfo is not)."""
+    flags = cpu_flags()
+    return [flag for flag in INFERENCE_FLAGS if flag in flags]
+
+
 def machine_description(device: torch.device) -> dict[str, object]:
     """Describe what ran the benchmark, for the README and the JSON output."""
     cpu = platform.processor() or platform.machine()
@@ -60,7 +73,8 @@ def machine_description(device: torch.device) -> dict[str, object]:
                        if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    description = {'cpu': cpu, 'cpu_cores': len(os.sched_getaffinity(0)),
+    description = {'cpu': cpu, 'cpu_flags': ' '.join(inference_cpu_flags()),
+                   'cpu_cores': len(os.sched_getaffinity(0)),
                    'torch_threads': torch.get_num_threads(), 'torch': torch.__version__,
                    'python': platform.python_version()}
     if device.type == 'cuda':
