@@ -186,7 +186,7 @@ def node_arguments(args: argparse.Namespace) -> list[str]:
     from cnn_rnn_perception.ros.parameters import model_parameters
 
     values = {'device': args.device, 'precision': args.precision, 'backend': args.backend,
-              'compile': not args.no_compile,
+              'auto_rate_hz': args.auto_rate_hz, 'compile': not args.no_compile,
               **model_parameters(options.model_config(args, num_classes=1))}
     if args.checkpoint:
         values['model.checkpoint'] = args.checkpoint

@@ -36,6 +36,9 @@ def main(args: argparse.Namespace) -> int:
                                  'trained checkpoint')
     width, height = args.frame_size
     print(f'model: {engine.describe()} ({source})')
+    choice = getattr(engine, 'backend_choice', None)
+    if choice is not None:
+        print(choice.summary())
     print(f'classifying {args.frames} generated {width}x{height} camera frames, one at a time')
     latencies = []
     with engine:
