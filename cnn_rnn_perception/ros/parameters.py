@@ -265,8 +265,11 @@ def compiles(values: dict[str, Any]) -> bool:
 
     For torch, and for auto: its first choice is measured against eager torch so that frames
     are served within a second; the second measures compiled torch, which is often fastest.
+    An exported file never runs on torch, so auto over one chooses once.
     """
-    return bool(values['compile']) and values['backend'] in ('torch', 'auto')
+    return bool(values['compile']) and (
+        values['backend'] == 'torch'
+        or values['backend'] == 'auto' and not is_exported(values['model.checkpoint']))
 
 
 def model_config(values: dict[str, Any]) -> ModelConfig:

@@ -272,6 +272,11 @@ def run_backend_comparison(config: ModelConfig, *, settings: EngineSettings,
             for round_index in tqdm(range(rounds), desc=f'interleaved rounds, batch {size}',
                                     disable=not progress, leave=False):
                 for samples, (_, _, call, _) in zip(times, paths):
+                    # The previous path's thread pool (another runtime's, or another session's)
+                    # spins on after its last call and slowed this block's first call by up to
+                    # a third; a pause and an untimed call let every block start alike.
+                    time.sleep(0.05)
+                    call(round_index * calls_per_round)
                     for call_index in range(calls_per_round):
                         started = time.perf_counter()
                         call(round_index * calls_per_round + call_index)
