@@ -127,19 +127,21 @@ def test_export_and_bench_backends_from_the_command_line(checkpoint, tmp_path):
     result = subprocess.run([COMMAND, 'bench', '--device', 'cpu', '--no-compile',
                              '--input-size', '64x64', '--hidden-size', '16', '--iterations', '10',
                              '--backends', 'torch,onnxruntime,openvino', '--no-progress',
-                             '--json', str(report_path)], capture_output=True, text=True,
-                            timeout=600)
+                             '--precisions', 'fp32,int8', '--json', str(report_path)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = json.loads(report_path.read_text())['rows']
-    assert [row['path'].split()[0] for row in rows] == ['seed', 'torch', 'onnxruntime',
-                                                        'onnxruntime', 'openvino', 'openvino']
+    assert [(row['path'].split()[0], row['precision']) for row in rows] == [
+        ('seed', 'fp32'), ('torch', 'fp32'), ('onnxruntime', 'fp32'), ('onnxruntime', 'fp32'),
+        ('openvino', 'fp32'), ('openvino', 'fp32'), ('openvino', 'int8'), ('openvino', 'int8')]
     # Each exported backend sits beside its runtime called plainly on the same file.
     assert [row['path'].endswith('called plainly') for row in rows] == [
-        False, False, False, True, False, True]
+        False, False, False, True, False, True, False, True]
     assert [row['vs_plain'] is not None for row in rows] == [
-        False, False, True, False, True, False]
-    assert all(row['max_abs_diff'] <= 1e-4 for row in rows)
+        False, False, True, False, True, False, True, False]
+    assert all(row['max_abs_diff'] <= 1e-4 for row in rows if row['precision'] == 'fp32')
     assert "batch 1, fp32: the engine's best" in result.stdout
+    assert "batch 1, int8: the engine's best" in result.stdout
     assert 'CPU flags:' in result.stdout
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import os
 from pathlib import Path
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from cnn_rnn_perception.core.engine import cpu_has_bf16, EngineSettings, open_exported, TorchEngine
 from cnn_rnn_perception.core.engine.export_format import (
@@ -109,43 +109,51 @@ class Gate:
 
 def calibration_frames(bags: Sequence[str], preprocessing: Preprocessing, count: int,
                        topics: Sequence[str] | None = None) -> list[np.ndarray]:
-    """Return up to ``count`` frames spread evenly over the bags, preprocessed as the engine."""
-    records = list(_frames(bags, topics))
-    if not records:
+    """
+    Return up to ``count`` frames spread evenly over the bags, preprocessed as the engine.
+
+    Only the picked frames are decoded and kept: a long drive costs its reading time, not its
+    size in memory.
+    """
+    total = 0
+    for path in bags:
+        with BagSource(path) as bag:
+            total += bag.message_count(bag.image_topics(topics))
+    wanted = set(np.linspace(0, total - 1, min(count, total)).round().astype(int).tolist())
+    picked = [frames_to_array_cpu([frame], [order], preprocessing)
+              for _, frame, order in _decoded(bags, topics, keep=wanted.__contains__)]
+    if not picked:
         raise ValueError(f'no readable image frames in the calibration bags {list(bags)}')
-    picked = np.linspace(0, len(records) - 1, min(count, len(records))).round().astype(int)
-    return [frames_to_array_cpu([records[i][1]], [records[i][2]], preprocessing)
-            for i in sorted(set(picked.tolist()))]
+    return picked
 
 
-def _frames(bags: Sequence[str], topics: Sequence[str] | None, label_topic: str | None = None
-            ) -> list[tuple[BagFrame, np.ndarray, str]]:
-    records = []
+def _decoded(bags: Sequence[str], topics: Sequence[str] | None, label_topic: str | None = None,
+             keep: Callable[[int], bool] = lambda index: True
+             ) -> Iterator[tuple[BagFrame, np.ndarray, str]]:
+    """Yield (record, frame, colour order) for each image message ``keep`` takes, by index."""
+    index = -1
     for path in bags:
         with BagSource(path) as bag:
             labels = bag.labels(label_topic) if label_topic else None
             for item in bag.frames(bag.image_topics(topics), labels):
-                if not isinstance(item, BagFrame):
+                index += 1
+                if not isinstance(item, BagFrame) or not keep(index):
                     continue
                 try:
                     frame, order = message_to_frame(item.message)
                 except ImageRejected:
                     continue  # calibration and the gate use the frames the node would use
                 item.message = None
-                records.append((item, frame, order))
-    return records
+                yield item, frame, order
 
 
-def _predict(path: Path, records: list[tuple[BagFrame, np.ndarray, str]]
-             ) -> tuple[list[str], float]:
-    """Return each frame's top-1 and the milliseconds per frame at batch 1, on OpenVINO."""
-    with open_exported(path, EngineSettings(device='cpu', backend='openvino')) as engine:
-        labels, seconds = [], 0.0
-        for _, frame, order in records:
-            started = time.perf_counter()
-            labels.append(engine.infer([frame], color_order=order)[0].label)
-            seconds += time.perf_counter() - started
-    return labels, seconds * 1e3 / len(records)
+def _check_labelled(bags: Sequence[str], label_topic: str) -> None:
+    for path in bags:
+        with BagSource(path) as bag:
+            if not len(bag.labels(label_topic)):
+                raise ValueError(f'the validation bag {path!r} has no labels on '
+                                 f'{label_topic!r}: give a labelled held-out bag and its '
+                                 '--label-topic (a std_msgs/String topic)')
 
 
 def gate_reduced(fp32_path: str | os.PathLike, precision: str, *,
@@ -155,9 +163,10 @@ def gate_reduced(fp32_path: str | os.PathLike, precision: str, *,
     """
     Write the ``precision`` variant of an fp32 OpenVINO file, then keep it only if it passes.
 
-    Both files classify every labelled frame of the ``validation`` bags; the variant is kept
-    when its accuracy is within ``MAX_ACCURACY_DROP`` of fp32's and its top-1 equals fp32's on
-    at least ``MIN_AGREEMENT`` of them. Otherwise it is removed, and the fp32 file stays.
+    Both files classify every labelled frame of the ``validation`` bags, frame by frame in one
+    pass; the variant is kept when its accuracy is within ``MAX_ACCURACY_DROP`` of fp32's and
+    its top-1 equals fp32's on at least ``MIN_AGREEMENT`` of them. Otherwise it is removed, and
+    the fp32 file stays.
     """
     if precision not in REDUCED_PRECISIONS:
         raise ValueError(f'precision must be one of {", ".join(REDUCED_PRECISIONS)}')
@@ -166,29 +175,39 @@ def gate_reduced(fp32_path: str | os.PathLike, precision: str, *,
                          'in f32 here, so the bf16 file cannot be checked; export on a CPU '
                          "that has them (the robot's, or one like it)")
     fp32_path = Path(fp32_path)
-    records = [record for record in _frames(validation, topics, label_topic)
-               if record[0].label is not None]
-    if not records:
-        raise ValueError(f'the validation bags {list(validation)} have no frames labelled on '
-                         f'{label_topic!r}: give a labelled held-out bag and its --label-topic '
-                         '(a std_msgs/String topic)')
+    _check_labelled(validation, label_topic)
     preprocessing = read_exported(fp32_path).preprocessing
     calibrated = (calibration_frames(calibration, preprocessing, calibration_count, topics)
                   if precision == 'int8' else [])
     path = write_openvino_variant(fp32_path, precision, calibrated,
                                   subset_size=calibration_count, int8_scope=int8_scope)
+    settings = EngineSettings(device='cpu', backend='openvino')
+    right = np.zeros(2, int)  # fp32, reduced
+    agreed = frames = 0
+    seconds = np.zeros(2)
     try:
-        truths = [record[0].label for record in records]
-        fp32_labels, fp32_ms = _predict(fp32_path, records)
-        labels, ms = _predict(path, records)
+        with open_exported(fp32_path, settings) as full, open_exported(path, settings) as reduced:
+            for record, frame, order in _decoded(validation, topics, label_topic):
+                if record.label is None:
+                    continue
+                said = []
+                for index, engine in enumerate((full, reduced)):
+                    started = time.perf_counter()
+                    said.append(engine.infer([frame], color_order=order)[0].label)
+                    seconds[index] += time.perf_counter() - started
+                right += [label == record.label for label in said]
+                agreed += said[0] == said[1]
+                frames += 1
+        if not frames:
+            raise ValueError(f'no frame of the validation bags {list(validation)} falls after '
+                             f'a label on {label_topic!r}')
     except BaseException:
         _remove(path)
         raise
-    gate = Gate(precision=precision, accepted=False,
-                accuracy=float(np.mean([a == b for a, b in zip(labels, truths)])),
-                fp32_accuracy=float(np.mean([a == b for a, b in zip(fp32_labels, truths)])),
-                agreement=float(np.mean([a == b for a, b in zip(labels, fp32_labels)])),
-                frames=len(records), ms_per_frame=ms, fp32_ms_per_frame=fp32_ms, path=None)
+    gate = Gate(precision=precision, accepted=False, accuracy=float(right[1] / frames),
+                fp32_accuracy=float(right[0] / frames), agreement=agreed / frames,
+                frames=frames, ms_per_frame=float(seconds[1] * 1e3 / frames),
+                fp32_ms_per_frame=float(seconds[0] * 1e3 / frames), path=None)
     drop = gate.fp32_accuracy - gate.accuracy
     reasons = ([f'accuracy drops {100 * drop:.1f} points (at most '
                 f'{100 * MAX_ACCURACY_DROP:.1f} allowed)'] if drop > MAX_ACCURACY_DROP else [])
