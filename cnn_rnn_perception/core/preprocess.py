@@ -1,8 +1,8 @@
 """
 Camera frames (uint8 numpy arrays) to normalised model input tensors.
 
-Two implementations of one transform: ``frames_to_array_cpu`` resizes with OpenCV and
-normalises with NumPy on the host, touching no torch op (the exported backends' path: a torch
+Two implementations of one transform: ``frames_to_array_cpu`` resizes and normalises with
+OpenCV on the host, touching no torch op (the exported backends' path: a torch
 op there wakes torch's OpenMP pool, whose spinning threads then fight the runtime's own for the
 cores); ``frames_to_tensor_torch`` takes an uploaded uint8 batch and resizes and normalises with
 torch ops, so on a GPU only the small uint8 frame crosses the bus. Both resize bilinearly with

@@ -163,9 +163,9 @@ def plain_runtime(engine: ExportedEngine) -> Callable[[np.ndarray], np.ndarray]:
         name = session.get_inputs()[0].name
         return lambda images: session.run(None, {name: images})[0]
     import openvino
-    hint = 'bf16' if engine.precision == 'bf16' else 'f32'
-    request = openvino.Core().compile_model(engine.path, 'CPU', {
-        'PERFORMANCE_HINT': 'LATENCY', 'INFERENCE_PRECISION_HINT': hint}).create_infer_request()
+    from cnn_rnn_perception.core.engine.openvino_backend import compile_properties
+    request = openvino.Core().compile_model(
+        engine.path, 'CPU', compile_properties(engine.precision)).create_infer_request()
 
     def run(images: np.ndarray) -> np.ndarray:
         request.infer({0: images})

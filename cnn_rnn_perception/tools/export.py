@@ -26,6 +26,7 @@ from cnn_rnn_perception.core.engine import cpu_has_bf16, EngineSettings, open_ex
 from cnn_rnn_perception.core.engine.export_format import (
     check_exportable, export_onnx, export_openvino, FORMATS, INT8_SCOPES, PARITY_FP32,
     read_exported, REDUCED_PRECISIONS, set_acceptance, write_openvino_variant)
+from cnn_rnn_perception.core.engine.factory import describe_acceptance
 from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
 from cnn_rnn_perception.core.model import CnnRnnClassifier, load_checkpoint, Preprocessing
 from cnn_rnn_perception.core.preprocess import frames_to_array_cpu
@@ -293,10 +294,8 @@ def main(args: argparse.Namespace) -> int:
 
 def format_gate(gate: Gate) -> str:
     """Say what the gate measured and what became of the file."""
-    figures = (f'accuracy {100 * gate.accuracy:.1f}% (fp32 {100 * gate.fp32_accuracy:.1f}%), '
-               f'top-1 agreement with fp32 {100 * gate.agreement:.1f}% on {gate.frames} '
-               f'held-out frames; {gate.ms_per_frame:.1f} ms a frame against '
-               f'{gate.fp32_ms_per_frame:.1f} in fp32')
+    figures = (f'{describe_acceptance(gate.acceptance())}; {gate.ms_per_frame:.1f} ms a frame '
+               f'against {gate.fp32_ms_per_frame:.1f} in fp32')
     if gate.accepted:
         return f'{gate.precision}: accepted, wrote {gate.path}: {figures}'
     return f'{gate.precision}: REFUSED ({gate.reason}), the fp32 file is kept: {figures}'

@@ -92,9 +92,13 @@ def variant_path(path: str | os.PathLike, precision: str) -> Path:
 
 def read_exported(path: str | os.PathLike) -> CheckpointInfo:
     """Return the config, labels and preprocessing stored in an exported file."""
-    data = read_export_metadata(path)
-    return CheckpointInfo(ModelConfig.from_dict(data['config']), list(data['labels']),
-                          Preprocessing(**data['preprocessing']))
+    return checkpoint_info(read_export_metadata(path))
+
+
+def checkpoint_info(metadata: dict[str, Any]) -> CheckpointInfo:
+    """Return the config, labels and preprocessing of an exported file's metadata."""
+    return CheckpointInfo(ModelConfig.from_dict(metadata['config']), list(metadata['labels']),
+                          Preprocessing(**metadata['preprocessing']))
 
 
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import os
 import time
 
 from cnn_rnn_perception.core.engine.base import EngineBase, EngineSettings
-from cnn_rnn_perception.core.engine.export_format import read_export_metadata, read_exported
+from cnn_rnn_perception.core.engine.export_format import checkpoint_info, read_export_metadata
 from cnn_rnn_perception.core.preprocess import frames_to_array_cpu
 import numpy as np
 
@@ -27,12 +27,12 @@ class ExportedEngine(EngineBase):
 
     def __init__(self, path: str | os.PathLike, settings: EngineSettings) -> None:
         """Load the file, read its labels and preprocessing, and warm it up."""
-        info = read_exported(path)
+        metadata = read_export_metadata(path)
+        info = checkpoint_info(metadata)
         super().__init__(labels=info.labels, preprocessing=info.preprocessing,
                          settings=settings)
         self.config = info.config
         self.path = os.fspath(path)
-        metadata = read_export_metadata(path)
         # What the file computes in, and for a reduced-precision file the accuracy it passed.
         self.file_precision: str = metadata['precision']
         self.acceptance: dict = metadata.get('acceptance') or {}

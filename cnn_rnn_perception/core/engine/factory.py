@@ -72,9 +72,9 @@ class BackendChoice:
 
 
 def describe_acceptance(gate: dict[str, Any]) -> str:
-    """Return an accuracy gate's figures in words (what export printed when it accepted)."""
+    """Return an accuracy gate's figures in words, as export prints them."""
     return (f'accuracy {100 * gate["accuracy"]:.1f}% against fp32 '
-            f'{100 * gate["fp32_accuracy"]:.1f}%, top-1 agreement '
+            f'{100 * gate["fp32_accuracy"]:.1f}%, top-1 agreement with fp32 '
             f'{100 * gate["agreement"]:.1f}% on {gate["frames"]} held-out frames')
 
 

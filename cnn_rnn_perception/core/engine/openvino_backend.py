@@ -19,6 +19,12 @@ import torch
 _LOG = logging.getLogger('cnn_rnn_perception.core.engine')
 
 
+def compile_properties(file_precision: str) -> dict[str, str]:
+    """Return what OpenVINO compiles a file of ``file_precision`` (fp32, bf16, int8) with."""
+    return {'PERFORMANCE_HINT': 'LATENCY',
+            'INFERENCE_PRECISION_HINT': 'bf16' if file_precision == 'bf16' else 'f32'}
+
+
 class OpenVinoEngine(ExportedEngine):
     """An exported model compiled by OpenVINO."""
 
@@ -40,13 +46,11 @@ class OpenVinoEngine(ExportedEngine):
         # plugin computes in bf16 by default, which moved probabilities by 1.4e-3 here, 14 times
         # the fp32 parity limit. An int8 file's unquantized ops stay f32, as they were when it
         # passed its accuracy gate.
-        hint = 'bf16' if self.file_precision == 'bf16' else 'f32'
-        if hint == 'bf16' and self.target == 'CPU' and not cpu_has_bf16():
+        if self.file_precision == 'bf16' and self.target == 'CPU' and not cpu_has_bf16():
             _LOG.warning('%s is the bf16 variant, and this CPU has no bf16 units (avx512_bf16, '
                          'AMX): OpenVINO runs it in f32; use the fp32 file', path)
         compiled = core.compile_model(core.read_model(path), self.target,
-                                      {'PERFORMANCE_HINT': 'LATENCY',
-                                       'INFERENCE_PRECISION_HINT': hint})
+                                      compile_properties(self.file_precision))
         self._request = compiled.create_infer_request()
         self._compiled = compiled
 
