@@ -38,7 +38,7 @@ endif
 venv_of = $(if $(filter jazzy,$(1)),.venv-jazzy,.venv)
 distro_of = $(if $(filter .venv-jazzy,$(1)),jazzy,kilted)
 # Cached: a no-op (a fraction of a second) once built from the same sources.
-ros_tools = $(1)/bin/python -m cnn_rnn_perception.tools.ros_from_source --distro $(call distro_of,$(1)) \
+ros_tools = $(1)/bin/python -m cnn_rnn_perception.tools.environment.ros_from_source --distro $(call distro_of,$(1)) \
 	--sources $(ROS_SOURCES)
 requirements_of = $(if $(filter jazzy,$(1)),requirements-jazzy.txt,requirements.txt)
 VENV := $(call venv_of,$(ROS_DISTRO))
@@ -110,7 +110,7 @@ lint: setup
 WHEELHOUSE ?= .whl
 GPU_PYTHON ?= python3
 wheelhouse: .venv/.installed
-	.venv/bin/python -m cnn_rnn_perception.tools.gpu_check wheelhouse $(WHEELHOUSE)
+	.venv/bin/python -m cnn_rnn_perception.tools.environment.gpu_check wheelhouse $(WHEELHOUSE)
 
 # A venv of the GPU image's own python that also sees that python's packages (torch, numpy,
 # OpenCV) through a .pth file: a --system-site-packages venv would not, since that python is
@@ -122,7 +122,7 @@ gpu-check:
 	  > $$(.venv-gpu/bin/python -c 'import site; print(site.getsitepackages()[0])')/gpu-image.pth
 	.venv-gpu/bin/python -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile $(WHEELHOUSE)/*.whl
 	.venv-gpu/bin/python -m pip install -q --disable-pip-version-check --no-index --no-deps --no-build-isolation -e .
-	AMENT_PREFIX_PATH=$(CURDIR)/.venv-gpu .venv-gpu/bin/python -m cnn_rnn_perception.tools.gpu_check run --out $${OUT:-gpu-report}
+	AMENT_PREFIX_PATH=$(CURDIR)/.venv-gpu .venv-gpu/bin/python -m cnn_rnn_perception.tools.environment.gpu_check run --out $${OUT:-gpu-report}
 
 clean:
 	rm -rf .venv .venv-jazzy .venv-py310 .venv-gpu build install log *.egg-info

@@ -11,7 +11,7 @@ Three parts, each over the one before it and never the other way:
 
 The stable way in for Python users is this top level::
 
-    from cnn_rnn_perception import ModelConfig, CnnRnnClassifier, create_engine, EngineSettings
+    from cnn_rnn_perception import CnnRnnClassifier, create_engine, EngineSettings, ModelConfig
 
 Names load on first use, so ``import cnn_rnn_perception`` (and the command's ``--help``)
 stays fast and torch-free.
@@ -26,9 +26,10 @@ __version__ = '0.1.0'
 
 # public name -> the core module that defines it
 _PUBLIC = {
-    'ModelConfig': 'core.model', 'CnnRnnClassifier': 'core.model', 'preset': 'core.model',
-    'Preprocessing': 'core.model', 'save_checkpoint': 'core.model',
-    'load_checkpoint': 'core.model', 'inspect_checkpoint': 'core.model',
+    'ModelConfig': 'core.model_config', 'preset': 'core.model_config',
+    'Preprocessing': 'core.model_config', 'CnnRnnClassifier': 'core.model',
+    'save_checkpoint': 'core.checkpoint', 'load_checkpoint': 'core.checkpoint',
+    'inspect_checkpoint': 'core.checkpoint',
     'inspect_model_file': 'core.engine', 'create_engine': 'core.engine',
     'EngineSettings': 'core.engine', 'FrameResult': 'core.engine',
     'message_to_frame': 'core.image_conversion', 'ImageRejected': 'core.image_conversion',

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from cnn_rnn_perception.tools.ros_env import use_loopback_dds
+from cnn_rnn_perception.tools.environment.ros_env import use_loopback_dds
 
 use_loopback_dds()
 # ament_index_python finds the pip-installed ROS packages under the venv prefix.

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from cnn_rnn_perception.tools.ros_env import BackgroundNode, stop_process
+from cnn_rnn_perception.tools.environment.ros_env import BackgroundNode, stop_process
 import cv2
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.srv import ChangeState, GetState

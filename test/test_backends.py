@@ -6,14 +6,15 @@ from pathlib import Path
 import subprocess
 import sys
 
+from cnn_rnn_perception.core.checkpoint import save_checkpoint, seeded
 from cnn_rnn_perception.core.engine import (
     choose_backend, create_engine, EngineSettings, TorchEngine)
 from cnn_rnn_perception.core.engine.export_format import read_exported
-from cnn_rnn_perception.core.model import (
-    CnnRnnClassifier, ModelConfig, Preprocessing, save_checkpoint, seeded)
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig, Preprocessing
 from cnn_rnn_perception.core.sample_frames import selftest_frames
 from cnn_rnn_perception.ros.parameters import PARAMETERS, validate
-from cnn_rnn_perception.tools.export import export
+from cnn_rnn_perception.tools.training.export import export
 import numpy as np
 import pytest
 

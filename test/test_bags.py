@@ -9,15 +9,16 @@ import sys
 import threading
 import time
 
+from cnn_rnn_perception.core.checkpoint import save_checkpoint
 from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
 from cnn_rnn_perception.core.image_conversion import message_to_frame
-from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, save_checkpoint
-from cnn_rnn_perception.core.navigation import UNKNOWN
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig
 from cnn_rnn_perception.core.sample_frames import camera_frame
-from cnn_rnn_perception.tools.bags import BadMessage, BagError, BagSource, BagWriter, Labels
-from cnn_rnn_perception.tools.evaluate import (
-    ChangeCount, decision_changes, evaluate_bags, flicker, NO_LABEL, Prediction, score,
-    score_scene_recording)
+from cnn_rnn_perception.tools.evaluation.bags import (
+    BadMessage, BagError, BagSource, BagWriter, Labels)
+from cnn_rnn_perception.tools.evaluation.metrics import NO_LABEL
+from cnn_rnn_perception.tools.evaluation.runner import evaluate_bags, score_scene_recording
 import cv2
 import numpy as np
 import pytest
@@ -116,12 +117,7 @@ def test_sidecar_csv_labels_match_header_stamps(tmp_path, checkpoint):
     assert [p.truth for p in result['predictions']] == ['doorway_right'] * 6 + ['corridor'] * 6
 
 
-def test_scores_count_precision_recall_and_confusion():
-    scores = score(['a', 'a', 'b', 'b'], ['a', 'b', 'b', 'b'], ['a', 'b', 'c'])
-    assert scores['accuracy'] == 0.75
-    assert scores['confusion'] == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
-    assert scores['per_class']['b'] == {'precision': 2 / 3, 'recall': 1.0, 'support': 2}
-    assert scores['per_class']['c']['precision'] is None
+def test_labels_are_the_latest_label_stamped_at_or_before_a_moment():
     assert Labels([5, 1], ['late', 'early']).at(3) == 'early'
 
 
@@ -238,33 +234,6 @@ def test_evaluate_warms_up_at_the_frame_shape_of_the_bag(tmp_path, checkpoint):
     assert engine.warmed[-1][:2] == (120, 160)
 
 
-def _prediction(topic: str, stamp: float, label: str, truth: str) -> Prediction:
-    return Prediction(bag='b', topic=topic, stamp=stamp, frame_id='', label=label, score=1.0,
-                      top_k=[(label, 1.0)], truth=truth)
-
-
-def test_flicker_counts_label_changes_per_minute_of_each_stream_against_the_truth():
-    # Two streams of 30 s each (1 minute in all). cam_a: the truth changes once, the
-    # prediction 5 times (a brief flip and back, twice, plus the real change); cam_b steady.
-    truth = ['x'] * 15 + ['y'] * 15
-    guess = ['x', 'x', 'y', 'x'] + ['x'] * 5 + ['y', 'x'] + ['x'] * 4 + ['y'] * 15
-    predictions = [_prediction('/a', 30 / 29 * i, g, t) for i, (g, t) in
-                   enumerate(zip(guess, truth))]
-    predictions += [_prediction('/b', 100 + 30 / 29 * i, 'x', 'x') for i in range(30)][::-1]
-    result = flicker(predictions)
-    assert result['flicker_per_min'] == pytest.approx(5.0)
-    assert result['truth_changes_per_min'] == pytest.approx(1.0)
-    assert result['flicker_ratio'] == pytest.approx(5.0)
-    assert result['excess_flicker_per_min'] == pytest.approx(4.0)
-    # The two brief flips are far from the real change; the real change is not spurious.
-    assert result['spurious_changes_per_min'] == pytest.approx(4.0)
-    # A flip right beside the real change (a transition) is not spurious.
-    near = [_prediction('/c', i / 10, g, t) for i, (g, t) in enumerate(
-        zip(['x'] * 9 + ['z', 'y'] + ['y'] * 9, ['x'] * 10 + ['y'] * 10))]
-    assert flicker(near)['spurious_changes_per_min'] == 0.0
-    assert flicker(near)['excess_flicker_per_min'] > 0
-
-
 def test_evaluate_runs_a_temporal_model_along_each_topic_as_the_node_would(tmp_path):
     torch.manual_seed(0)
     model = CnnRnnClassifier(ModelConfig(input_size=(64, 64), hidden_size=16, num_classes=3,
@@ -292,38 +261,6 @@ def test_evaluate_runs_a_temporal_model_along_each_topic_as_the_node_would(tmp_p
     assert result['summary']['flicker_per_min'] is not None
 
 
-def test_change_count_counts_spurious_changes_and_measures_the_switch_delay():
-    stamps = [index / 10 for index in range(60)]
-    truths = ['a'] * 30 + ['b'] * 30
-    said = ['a'] * 10 + ['c'] * 2 + ['a'] * 18 + ['a'] * 4 + ['b'] * 26
-    count = ChangeCount()
-    count.add(stamps, said, truths, transition_s=0.5)
-    # a->c and c->a are spurious (far from the change at 3.0 s); a->b at 3.4 s is the switch.
-    assert (count.changes, count.spurious, count.true_changes) == (3, 2, 1)
-    assert count.switch_delays_s == [pytest.approx(0.4)]
-    late = ChangeCount()
-    late.add(stamps, ['a'] * 38 + ['b'] * 22, truths, transition_s=0.5)
-    # A switch later than 0.5 s is both late (its delay) and a change far from the truth's.
-    assert late.switch_delays_s == [pytest.approx(0.8)] and late.spurious == 1
-    missed = ChangeCount()
-    missed.add(stamps, ['a'] * 60, truths, transition_s=0.5)
-    assert missed.missed_switches == 1 and missed.spurious == 0
-
-
-def test_decision_counts_fuse_a_bags_cameras_into_one_stream():
-    predictions = []
-    for camera in ('/front', '/rear'):
-        for index in range(30):
-            truth = 'a' if index < 15 else 'b'
-            predictions.append(Prediction(bag='drive', topic=camera, stamp=index / 10 + 0.01 * (
-                camera == '/rear'), frame_id='', label=truth, score=1.0, top_k=[], truth=truth,
-                decision=UNKNOWN if index < 4 else ('a' if index < 19 else 'b')))
-    counts = decision_changes(predictions)
-    assert counts['decision_switch_delay_p50_s'] == pytest.approx(0.4)
-    assert counts['decision_spurious_changes_per_min'] == 0.0
-    assert counts['decision_accuracy'] == pytest.approx((60 - 2 * 8) / 60)
-
-
 def rounded(value):
     """Floats to 6 places, through dicts and lists: batches of other sizes round apart."""
     if isinstance(value, float):
@@ -338,7 +275,8 @@ def rounded(value):
 @pytest.mark.slow
 def test_evaluate_under_torchrun_shares_the_bags_out_and_merges_what_one_process_writes(
         tmp_path):
-    from cnn_rnn_perception.tools.synth import CAMERA_MOTIONS, write_texture_motion_drive
+    from cnn_rnn_perception.tools.synthetic.scenes import CAMERA_MOTIONS
+    from cnn_rnn_perception.tools.synthetic.synth import write_texture_motion_drive
     bags = [str(write_texture_motion_drive(tmp_path / f'bag_{seed}', segments=2 + seed,
                                            seed=seed, size=32, progress=False))
             for seed in range(3)]

@@ -1,6 +1,6 @@
 """The recurrent head learns left/right order; global average pooling cannot."""
 
-from cnn_rnn_perception.tools.bench_order import accuracy, fit, PairModel, shape_pairs
+from cnn_rnn_perception.tools.benchmarks.bench_order import accuracy, fit, PairModel, shape_pairs
 import torch
 
 

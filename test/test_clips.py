@@ -1,7 +1,7 @@
 """Runs and clips from labelled bags: reset gaps, time-block validation, streaming lanes."""
 
-from cnn_rnn_perception.tools.bags import BagWriter
-from cnn_rnn_perception.tools.clips import (
+from cnn_rnn_perception.tools.evaluation.bags import BagWriter
+from cnn_rnn_perception.tools.training.clips import (
     ClipBatches, index_runs, lanes_for, plan_lanes, prefetched, Run, split_by_time_blocks,
     steps_for)
 import numpy as np

@@ -7,9 +7,12 @@ import subprocess
 import sys
 import time
 
-from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, save_checkpoint, seeded
+from cnn_rnn_perception.core.checkpoint import save_checkpoint, seeded
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig
 from cnn_rnn_perception.tools.demo import CAMERA_TOPIC, LABEL_TOPIC
-from cnn_rnn_perception.tools.synth import CLASSES, write_recording
+from cnn_rnn_perception.tools.synthetic.scenes import CLASSES
+from cnn_rnn_perception.tools.synthetic.synth import write_recording
 import psutil
 import pytest
 

@@ -3,10 +3,11 @@
 from dataclasses import replace
 import threading
 
+from cnn_rnn_perception.core.checkpoint import save_checkpoint
 from cnn_rnn_perception.core.engine import (
     EngineSettings, fold_batch_norm, resolve_device, resolve_precision, TorchEngine)
-from cnn_rnn_perception.core.model import (
-    CnnRnnClassifier, ModelConfig, Preprocessing, save_checkpoint)
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig, Preprocessing
 from cnn_rnn_perception.core.preprocess import (
     frames_to_array_cpu, frames_to_tensor_torch, normalisation)
 import cv2

@@ -4,7 +4,7 @@ import threading
 import time
 
 from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
-from cnn_rnn_perception.core.model import ModelConfig
+from cnn_rnn_perception.core.model_config import ModelConfig
 from cnn_rnn_perception.ros.engine_slot import EngineSlot, LoadedModel
 import numpy as np
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import subprocess
 import sys
 
-from cnn_rnn_perception.core.model import ModelConfig, user_settings
+from cnn_rnn_perception.core.model_config import ModelConfig, user_settings
 from cnn_rnn_perception.ros.parameters import (
     model_config, model_parameters, PARAMETERS, SPECS, validate_startup)
 from cnn_rnn_perception.tools import cli, options
@@ -176,5 +176,5 @@ def test_a_config_file_sets_defaults_and_flags_still_win(tmp_path, command):
 
 
 def test_tools_find_the_dds_profile_of_a_source_checkout():
-    from cnn_rnn_perception.tools.ros_env import dds_profile
+    from cnn_rnn_perception.tools.environment.ros_env import dds_profile
     assert dds_profile() == str(PACKAGE.parent / 'config' / 'fastdds_shm.xml')

@@ -2,9 +2,10 @@
 
 import itertools
 
-from cnn_rnn_perception.core.model import (
-    CnnRnnClassifier, load_checkpoint, ModelConfig, POOLINGS, Preprocessing, preset, RNNS,
-    save_checkpoint, SEQUENCES)
+from cnn_rnn_perception.core.checkpoint import load_checkpoint, save_checkpoint
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import (
+    ModelConfig, POOLINGS, Preprocessing, preset, RNNS, SEQUENCES)
 import pytest
 import torch
 import torchvision

@@ -43,9 +43,11 @@ SELECTOR_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """Train a small per-frame scene model on two drives; draw a third, held out, unlike them."""
-    from cnn_rnn_perception.core.model import ModelConfig
-    from cnn_rnn_perception.tools.synth import write_recording
-    from cnn_rnn_perception.tools.train import bag_samples, train, TrainSettings
+    from cnn_rnn_perception.core.model_config import ModelConfig
+    from cnn_rnn_perception.tools.synthetic.synth import write_recording
+    from cnn_rnn_perception.tools.training.data import bag_samples
+    from cnn_rnn_perception.tools.training.settings import TrainSettings
+    from cnn_rnn_perception.tools.training.train import train
 
     root = tmp_path_factory.mktemp('navigation')
     drives = [str(write_recording(root / f'train_{seed}', scenes=12, seconds_per_scene=2.0,
@@ -147,7 +149,7 @@ def test_nav2_gets_the_drives_scenes_within_the_switch_delay_and_stale_when_it_s
         # Every true scene change is followed by the decision within 1 s of stamps, and the
         # decision never changes to anything but the true scene (figures cross the view
         # meanwhile; a per-frame label flips while they do).
-        from cnn_rnn_perception.tools.evaluate import ChangeCount
+        from cnn_rnn_perception.tools.evaluation.metrics import ChangeCount
         count = ChangeCount()
         stamps = [scene['stamp']['sec'] + scene['stamp']['nanosec'] * 1e-9 for scene in scenes]
         count.add(stamps, decisions, truths, transition_s=0.5)
@@ -198,7 +200,7 @@ def test_nav2_gets_the_drives_scenes_within_the_switch_delay_and_stale_when_it_s
 
 
 def _truths(bag: Path, stamps: list[dict]) -> list[str | None]:
-    from cnn_rnn_perception.tools.bags import BagSource
+    from cnn_rnn_perception.tools.evaluation.bags import BagSource
 
     with BagSource(bag) as source:
         labels = source.labels(LABEL_TOPIC)
@@ -207,7 +209,7 @@ def _truths(bag: Path, stamps: list[dict]) -> list[str | None]:
 
 def test_deactivate_sends_stale_before_the_transition_completes(tmp_path, trained):
     from cnn_rnn_perception.core.image_conversion import message_to_frame
-    from cnn_rnn_perception.tools.bags import BagFrame, BagSource
+    from cnn_rnn_perception.tools.evaluation.bags import BagFrame, BagSource
 
     checkpoint, held_out = trained
     policy = load_policy(POLICY, NAVIGATION_LABELS)

@@ -4,7 +4,9 @@ from pathlib import Path
 import threading
 import time
 
-from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, save_checkpoint, seeded
+from cnn_rnn_perception.core.checkpoint import save_checkpoint, seeded
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig
 from lifecycle_msgs.msg import Transition
 import numpy as np
 import pytest
@@ -471,8 +473,8 @@ def test_a_model_too_slow_for_the_camera_is_reported_as_an_error(tmp_path, harne
 
 
 def test_the_node_runs_an_exported_model_and_auto_reports_its_choice(tmp_path, harness):
-    from cnn_rnn_perception.tools.export import export
-    from cnn_rnn_perception.core.model import Preprocessing
+    from cnn_rnn_perception.core.model_config import Preprocessing
+    from cnn_rnn_perception.tools.training.export import export
     with seeded(5):
         model = CnnRnnClassifier(TINY).eval()
     onnx_path = tmp_path / 'scene.onnx'

@@ -143,7 +143,9 @@ def test_startup_values_pass_the_same_validation_as_live_ones():
 
 def test_a_truncated_or_foreign_checkpoint_is_refused_before_anything_is_torn_down(tmp_path):
     import torch
-    from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, save_checkpoint
+    from cnn_rnn_perception.core.checkpoint import save_checkpoint
+    from cnn_rnn_perception.core.model import CnnRnnClassifier
+    from cnn_rnn_perception.core.model_config import ModelConfig
     good = tmp_path / 'good.pt'
     save_checkpoint(good, CnnRnnClassifier(ModelConfig(input_size=(64, 64), hidden_size=4)))
     truncated = tmp_path / 'truncated.pt'

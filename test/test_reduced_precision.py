@@ -4,16 +4,19 @@ from pathlib import Path
 import subprocess
 import sys
 
+from cnn_rnn_perception.core.checkpoint import seeded
 from cnn_rnn_perception.core.engine import (
     choose_backend, cpu_has_bf16, EngineSettings, open_exported)
 from cnn_rnn_perception.core.engine.export_format import (
     export_openvino, read_export_metadata, variant_path, write_openvino_variant)
-from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, Preprocessing, seeded
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig, Preprocessing
 from cnn_rnn_perception.core.preprocess import frames_to_array_cpu
 from cnn_rnn_perception.core.sample_frames import camera_frames
 from cnn_rnn_perception.tools.demo import CAMERA_TOPIC, LABEL_TOPIC
-from cnn_rnn_perception.tools.export import MAX_ACCURACY_DROP, MIN_AGREEMENT, REFUSED_EXIT_CODE
-from cnn_rnn_perception.tools.synth import write_recording
+from cnn_rnn_perception.tools.synthetic.synth import write_recording
+from cnn_rnn_perception.tools.training.export import (
+    MAX_ACCURACY_DROP, MIN_AGREEMENT, REFUSED_EXIT_CODE)
 import pytest
 import torch
 

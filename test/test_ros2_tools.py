@@ -19,8 +19,8 @@ import sys
 import threading
 import time
 
-from cnn_rnn_perception.tools.bags import BagSource
-from cnn_rnn_perception.tools.synth import write_recording
+from cnn_rnn_perception.tools.evaluation.bags import BagSource
+from cnn_rnn_perception.tools.synthetic.synth import write_recording
 import numpy as np
 import psutil
 import pytest

@@ -8,10 +8,11 @@ import zipfile
 
 from cnn_rnn_perception.core.engine import EngineSettings
 from cnn_rnn_perception.core.engine import model_parts
-from cnn_rnn_perception.core.model import ModelConfig
+from cnn_rnn_perception.core.model_config import ModelConfig
 from cnn_rnn_perception.core.sample_frames import selftest_frames
-from cnn_rnn_perception.tools.gpu_check import _requirements_of, BUILD_ONLY, ON_GPU_IMAGE
-from cnn_rnn_perception.tools.selftest import _check_path, run_selftest, TOLERANCE
+from cnn_rnn_perception.tools.benchmarks.selftest import _check_path, run_selftest, TOLERANCE
+from cnn_rnn_perception.tools.environment.gpu_check import (
+    _requirements_of, BUILD_ONLY, ON_GPU_IMAGE)
 import numpy as np
 import pytest
 

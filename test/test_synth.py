@@ -1,10 +1,10 @@
 """Synthetic navigation scenes: deterministic images and recordings of every class."""
 
 from cnn_rnn_perception.core.image_conversion import message_to_frame
-from cnn_rnn_perception.tools.bags import BagSource
-from cnn_rnn_perception.tools.synth import (
-    CLASSES, draw_parameters, ego_motion_frames, MOTIONS, render, scene_frames, write_image_folder,
-    write_recording)
+from cnn_rnn_perception.tools.evaluation.bags import BagSource
+from cnn_rnn_perception.tools.synthetic.scenes import (
+    CLASSES, draw_parameters, ego_motion_frames, MOTIONS, render, scene_frames)
+from cnn_rnn_perception.tools.synthetic.synth import write_image_folder, write_recording
 import numpy as np
 import pytest
 

@@ -2,7 +2,7 @@
 
 from unittest import mock
 
-from cnn_rnn_perception.tools import synth
+from cnn_rnn_perception.tools.synthetic import synth
 from cnn_rnn_perception.tools.temporal_demo import prepare_drives
 
 

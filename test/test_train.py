@@ -6,18 +6,20 @@ from pathlib import Path
 import subprocess
 import sys
 
+from cnn_rnn_perception.core.checkpoint import load_checkpoint, save_checkpoint
 from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
-from cnn_rnn_perception.core.model import (
-    CnnRnnClassifier, load_checkpoint, ModelConfig, save_checkpoint)
-from cnn_rnn_perception.tools.bags import BagWriter
-from cnn_rnn_perception.tools.clips import index_runs
-from cnn_rnn_perception.tools.evaluate import evaluate_bags
-from cnn_rnn_perception.tools.synth import (
-    texture_motion_frames, write_ego_motion_drive, write_image_folder, write_recording,
-    write_texture_motion_drive)
-from cnn_rnn_perception.tools.train import (
-    _initialise_from, check_hflip, image_folder_samples, steadiness_penalty, train,
-    TrainSettings)
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig
+from cnn_rnn_perception.tools.evaluation.bags import BagWriter
+from cnn_rnn_perception.tools.evaluation.runner import evaluate_bags
+from cnn_rnn_perception.tools.synthetic.scenes import texture_motion_frames
+from cnn_rnn_perception.tools.synthetic.synth import (
+    write_ego_motion_drive, write_image_folder, write_recording, write_texture_motion_drive)
+from cnn_rnn_perception.tools.training.clips import index_runs
+from cnn_rnn_perception.tools.training.data import check_hflip, image_folder_samples
+from cnn_rnn_perception.tools.training.loop import steadiness_penalty
+from cnn_rnn_perception.tools.training.settings import TrainSettings
+from cnn_rnn_perception.tools.training.train import _initialise_from, train
 import numpy as np
 import pytest
 import torch

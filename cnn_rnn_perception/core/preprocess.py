@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cnn_rnn_perception.core.model import Preprocessing
+from cnn_rnn_perception.core.model_config import Preprocessing
 import cv2
 import numpy as np
 import torch

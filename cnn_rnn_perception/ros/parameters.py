@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cnn_rnn_perception.core.checkpoint import default_labels
 from cnn_rnn_perception.core.engine import (
     BACKENDS, EngineSettings, inspect_model_file, is_exported, parse_device_name, PRECISIONS,
     resolve_device)
-from cnn_rnn_perception.core.model import default_labels, ModelConfig, user_settings
+from cnn_rnn_perception.core.model_config import ModelConfig, user_settings
 from cnn_rnn_perception.core.navigation import (
     DecisionSettings, FUSION_WINDOW_S, load_policy, RobotDecision)
 from cnn_rnn_perception.core.sample_frames import NAVIGATION_LABELS

@@ -17,19 +17,29 @@ from typing import Sequence
 
 from cnn_rnn_perception.tools import options
 
-# name: (module in cnn_rnn_perception.tools, one line of help)
+# name: (module in cnn_rnn_perception.tools, one line of help), grouped by the job.
 COMMANDS: dict[str, tuple[str, str]] = {
     'demo': ('demo', 'the whole product: train on synthetic scenes, run the node, replay a bag'),
-    'classify': ('classify', 'classify generated camera frames; print labels and timings'),
-    'bench': ('bench', "time the engine against the seed's way of running the model"),
-    'export': ('export', 'export a checkpoint to ONNX or OpenVINO IR for deployment runtimes'),
-    'selftest': ('selftest', 'check every engine path on this device against fp32'),
-    'bench-node': ('bench_node', 'end-to-end latency of the running node (camera to ~/scene)'),
-    'evaluate': ('evaluate', 'classify every frame of recorded bags, score against labels'),
-    'replay': ('replay', "publish a bag's image and label topics into ROS (like ros2 bag play)"),
-    'train': ('train', 'train a scene model from an image folder or labelled bags'),
-    'synth': ('synth', 'draw synthetic navigation scenes as images and bags'),
-    'bench-order': ('bench_order', 'show that the recurrent head sees order; pooling cannot'),
+    # training
+    'train': ('training.train', 'train a scene model from an image folder or labelled bags'),
+    'export': ('training.export',
+               'export a checkpoint to ONNX or OpenVINO IR for deployment runtimes'),
+    # evaluation and replay
+    'evaluate': ('evaluation.evaluate',
+                 'classify every frame of recorded bags, score against labels'),
+    'replay': ('evaluation.replay',
+               "publish a bag's image and label topics into ROS (like ros2 bag play)"),
+    # benchmarks and checks
+    'bench': ('benchmarks.bench', "time the engine against the seed's way of running the model"),
+    'bench-node': ('benchmarks.bench_node',
+                   'end-to-end latency of the running node (camera to ~/scene)'),
+    'bench-order': ('benchmarks.bench_order',
+                    'show that the recurrent head sees order; pooling cannot'),
+    'selftest': ('benchmarks.selftest', 'check every engine path on this device against fp32'),
+    'classify': ('benchmarks.classify',
+                 'classify generated camera frames; print labels and timings'),
+    # synthetic data
+    'synth': ('synthetic.synth', 'draw synthetic navigation scenes as images and bags'),
 }
 
 

@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from cnn_rnn_perception.tools import options
-from cnn_rnn_perception.tools.ros_env import BackgroundNode, stop_process, use_loopback_dds
+from cnn_rnn_perception.tools.environment.ros_env import (
+    BackgroundNode, stop_process, use_loopback_dds)
 import numpy as np
 
 DEMO_MODEL = {'backbone': 'resnet18', 'sequence': 'spatial', 'hidden_size': 64,
@@ -33,7 +34,7 @@ def _say(text: str) -> None:
 
 def prepare_data(cache: Path) -> Path:
     """Draw the training images and a held-out recording once; reuse them afterwards."""
-    from cnn_rnn_perception.tools.synth import write_image_folder, write_recording
+    from cnn_rnn_perception.tools.synthetic.synth import write_image_folder, write_recording
     data = cache / 'data'
     done = data / 'complete'
     if done.exists():
@@ -52,8 +53,10 @@ def prepare_data(cache: Path) -> Path:
 
 def prepare_model(cache: Path, data: Path, device: str, retrain: bool) -> Path:
     """Train the demo model once (about 2 minutes on 2 CPU cores); reuse it afterwards."""
-    from cnn_rnn_perception.core.model import ModelConfig
-    from cnn_rnn_perception.tools.train import image_folder_samples, train, TrainSettings
+    from cnn_rnn_perception.core.model_config import ModelConfig
+    from cnn_rnn_perception.tools.training.data import image_folder_samples
+    from cnn_rnn_perception.tools.training.settings import TrainSettings
+    from cnn_rnn_perception.tools.training.train import train
     checkpoint = cache / 'model' / 'best.pt'
     if checkpoint.exists() and not retrain:
         _say(f'[2/4] model: cached {checkpoint}')
@@ -110,9 +113,9 @@ class _Listener:
 def run_demo(cache: str | Path = '.cache/demo', *, device: str = 'auto',
              retrain: bool = False) -> int:
     """Run the whole demo; return 0 when the held-out accuracy reaches 90%."""
-    from cnn_rnn_perception.tools.bags import BagSource
-    from cnn_rnn_perception.tools.evaluate import score_scene_recording
-    from cnn_rnn_perception.tools.replay import replay_bag
+    from cnn_rnn_perception.tools.evaluation.bags import BagSource
+    from cnn_rnn_perception.tools.evaluation.replay import replay_bag
+    from cnn_rnn_perception.tools.evaluation.runner import score_scene_recording
 
     started = time.monotonic()
     cache = Path(cache)

@@ -143,7 +143,7 @@ def engine_settings(args: argparse.Namespace, **overrides: Any):
 def add_model_arguments(parser: argparse.ArgumentParser,
                         title: str = 'model (used without --checkpoint)') -> None:
     """Add one flag per user-set ModelConfig field: --backbone, --hidden-size, ..."""
-    from cnn_rnn_perception.core.model import user_settings
+    from cnn_rnn_perception.core.model_config import user_settings
 
     group = parser.add_argument_group(title)
     for setting in user_settings():
@@ -167,7 +167,7 @@ def _shown(default: Any) -> str:
 
 def model_config(args: argparse.Namespace, num_classes: int):
     """Return the ModelConfig the model flags describe."""
-    from cnn_rnn_perception.core.model import ModelConfig, user_settings
+    from cnn_rnn_perception.core.model_config import ModelConfig, user_settings
 
     return ModelConfig(num_classes=num_classes,
                        **{setting.name: getattr(args, setting.name)

@@ -42,7 +42,7 @@ def _say(text: str) -> None:
 
 def prepare_drives(cache: Path, held_out: dict[str, int]) -> dict[str, dict[str, list[str]]]:
     """Draw the training drives and ``held_out[task]`` held-out ones; reuse drawn ones."""
-    from cnn_rnn_perception.tools.synth import write_ego_motion_drive, write_recording
+    from cnn_rnn_perception.tools.synthetic.synth import write_ego_motion_drive, write_recording
     progress = sys.stderr.isatty()
     root = cache / 'drives'
     plan = {
@@ -105,8 +105,10 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 
 def prepare_models(cache: Path, drives: dict, device: str, retrain: bool) -> dict:
     """Train (once) a per-frame and a temporal model for each task; return their paths."""
-    from cnn_rnn_perception.core.model import ModelConfig
-    from cnn_rnn_perception.tools.train import bag_runs, bag_samples, train, TrainSettings
+    from cnn_rnn_perception.core.model_config import ModelConfig
+    from cnn_rnn_perception.tools.training.data import bag_runs, bag_samples
+    from cnn_rnn_perception.tools.training.settings import TrainSettings
+    from cnn_rnn_perception.tools.training.train import train
     progress = sys.stderr.isatty()
     models: dict[str, dict[str, Path]] = {}
     for task in TASKS:
@@ -149,8 +151,9 @@ def prepare_models(cache: Path, drives: dict, device: str, retrain: bool) -> dic
 
 def temporal_overhead_ms(checkpoint: Path, frames: int = 200) -> tuple[float, float]:
     """Time batch-1 frames with and without the temporal stage, interleaved; (plain, temporal)."""
+    from cnn_rnn_perception.core.checkpoint import load_checkpoint, seeded
     from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
-    from cnn_rnn_perception.core.model import CnnRnnClassifier, load_checkpoint, seeded
+    from cnn_rnn_perception.core.model import CnnRnnClassifier
     from cnn_rnn_perception.core.sample_frames import camera_frames
 
     loaded = load_checkpoint(checkpoint)
@@ -182,7 +185,7 @@ def run_temporal_demo(cache: str | Path = '.cache/demo-temporal', *, device: str
     ``held_out`` drives per task replace ``HELD_OUT``'s when given.
     """
     from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
-    from cnn_rnn_perception.tools.evaluate import evaluate_bags
+    from cnn_rnn_perception.tools.evaluation.runner import evaluate_bags
 
     started = time.monotonic()
     cache = Path(cache)

@@ -18,7 +18,7 @@ import time
 from typing import Hashable, Sequence
 
 from cnn_rnn_perception.core.engine.streams import check_reset_after, StreamMemory, StreamStatus
-from cnn_rnn_perception.core.model import Preprocessing
+from cnn_rnn_perception.core.model_config import Preprocessing
 from cnn_rnn_perception.core.postprocess import top_k as top_k_labels
 from cnn_rnn_perception.core.preprocess import check_color_order, check_frame
 import numpy as np

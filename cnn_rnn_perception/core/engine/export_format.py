@@ -22,9 +22,10 @@ from pathlib import Path
 import tempfile
 from typing import Any, Sequence
 
-from cnn_rnn_perception.core.model import (
-    CHECKPOINT_FORMAT, CheckpointInfo, CnnRnnClassifier, inspect_checkpoint, ModelConfig,
-    Preprocessing)
+from cnn_rnn_perception.core.checkpoint import (
+    CHECKPOINT_FORMAT, CheckpointInfo, inspect_checkpoint)
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig, Preprocessing
 import numpy as np
 import torch
 

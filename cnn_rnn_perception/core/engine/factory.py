@@ -19,6 +19,7 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
+from cnn_rnn_perception.core.checkpoint import default_labels, load_checkpoint, seeded
 from cnn_rnn_perception.core.engine.base import (
     cpu_has_bf16, EngineBase, EngineSettings, resolve_device)
 from cnn_rnn_perception.core.engine.export_format import (
@@ -27,8 +28,8 @@ from cnn_rnn_perception.core.engine.exported import ExportedEngine
 from cnn_rnn_perception.core.engine.onnxruntime_backend import OnnxRuntimeEngine
 from cnn_rnn_perception.core.engine.openvino_backend import OpenVinoEngine
 from cnn_rnn_perception.core.engine.torch_backend import TorchEngine
-from cnn_rnn_perception.core.model import (
-    CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing, seeded)
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig, Preprocessing
 from cnn_rnn_perception.core.sample_frames import camera_frames
 import numpy as np
 

@@ -32,10 +32,11 @@ import time
 from typing import Any, Callable, Sequence
 
 from cnn_rnn_perception.core.backbones import first_convolution
+from cnn_rnn_perception.core.checkpoint import default_labels, load_checkpoint, seeded
 from cnn_rnn_perception.core.engine.base import (
     EngineBase, EngineSettings, precision_name, resolve_device, resolve_precision)
-from cnn_rnn_perception.core.model import (
-    CnnRnnClassifier, default_labels, load_checkpoint, ModelConfig, Preprocessing, seeded)
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig, Preprocessing
 from cnn_rnn_perception.core.preprocess import (
     frames_to_tensor_torch, frames_to_uint8_batch, normalisation, normalise_uint8_batch)
 import numpy as np

@@ -15,7 +15,8 @@ Each step is skipped when what it would install is already there from the same s
 (the wheels' CMake exports name include dirs of the container they were built in) is handled
 by a CMake file given with ``-DCMAKE_PROJECT_INCLUDE`` that corrects the imported targets.
 
-    python -m cnn_rnn_perception.tools.ros_from_source --sources DIR --distro kilted|jazzy
+    python -m cnn_rnn_perception.tools.environment.ros_from_source --sources DIR \\
+        --distro kilted|jazzy
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def index_this_package(checkout: Path, prefix: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Build what is missing; say so and exit 0 when the sources are absent."""
     parser = argparse.ArgumentParser(
-        prog='python -m cnn_rnn_perception.tools.ros_from_source',
+        prog='python -m cnn_rnn_perception.tools.environment.ros_from_source',
         description='Build vision_msgs, nav2_msgs, composition_interfaces, the launch system and '
                     'the ros2 command line from upstream sources into this venv, and index '
                     'this package for ros2 launch and ros2 run.')
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--prefix', default=sys.prefix, help='the venv (default: this one)')
     args = parser.parse_args(argv)
     prefix = Path(args.prefix).resolve()
-    checkout = Path(__file__).resolve().parents[2]
+    checkout = Path(__file__).resolve().parents[3]
     index_this_package(checkout, prefix)
     sources = Path(args.sources)
     if not sources.is_dir():

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
 from cnn_rnn_perception.core.preprocess import resize_frame, to_model_colors
-from cnn_rnn_perception.tools.bags import BadMessage, BagSource
+from cnn_rnn_perception.tools.evaluation.bags import BadMessage, BagSource
 import numpy as np
 import torch
 from tqdm import tqdm

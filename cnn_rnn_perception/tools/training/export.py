@@ -22,17 +22,19 @@ from pathlib import Path
 import time
 from typing import Any, Callable, Iterator, Sequence
 
+from cnn_rnn_perception.core.checkpoint import load_checkpoint
 from cnn_rnn_perception.core.engine import cpu_has_bf16, EngineSettings, open_exported, TorchEngine
 from cnn_rnn_perception.core.engine.export_format import (
     check_exportable, export_onnx, export_openvino, FORMATS, INT8_SCOPES, PARITY_FP32,
     read_exported, REDUCED_PRECISIONS, set_acceptance, write_openvino_variant)
 from cnn_rnn_perception.core.engine.factory import describe_acceptance
 from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
-from cnn_rnn_perception.core.model import CnnRnnClassifier, load_checkpoint, Preprocessing
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import Preprocessing
 from cnn_rnn_perception.core.preprocess import frames_to_array_cpu
 from cnn_rnn_perception.core.sample_frames import selftest_frames
 from cnn_rnn_perception.tools import options
-from cnn_rnn_perception.tools.bags import BagFrame, BagSource
+from cnn_rnn_perception.tools.evaluation.bags import BagFrame, BagSource
 import numpy as np
 
 # The accuracy gate a reduced-precision file must pass to be kept.

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import time
 from typing import Sequence
 
-from cnn_rnn_perception.core.model import CnnRnnClassifier, ModelConfig, seeded
+from cnn_rnn_perception.core.checkpoint import seeded
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig
 from cnn_rnn_perception.tools import options
 from cnn_rnn_perception.tools.report import render_table
 import numpy as np

@@ -26,7 +26,8 @@ from cnn_rnn_perception.core.engine import (
     EngineSettings, installed_backends, model_parts, open_exported, precision_name, resolve_device,
     resolve_precision, TorchEngine)
 from cnn_rnn_perception.core.engine.export_format import export_onnx
-from cnn_rnn_perception.core.model import CnnRnnClassifier, Preprocessing
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import Preprocessing
 from cnn_rnn_perception.core.sample_frames import camera_frame, selftest_frames
 from cnn_rnn_perception.ros.engine_slot import EngineSlot, LoadedModel
 from cnn_rnn_perception.tools import options

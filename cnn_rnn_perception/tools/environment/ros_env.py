@@ -7,6 +7,7 @@ Set before rclpy is imported, and inherited by every process started afterwards.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import random
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from cnn_rnn_perception.ros.dds import profile_variables
 
 def dds_profile() -> str | None:
     """Return config/fastdds_shm.xml from a source checkout, a pip or a colcon install."""
-    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    checkout = str(Path(__file__).resolve().parents[3])
     candidates = [os.path.join(checkout, 'config', 'fastdds_shm.xml'),
                   os.path.join(sys.prefix, 'share', 'cnn_rnn_perception', 'config',
                                'fastdds_shm.xml')]

@@ -22,8 +22,9 @@ from typing import Sequence
 
 from cnn_rnn_perception.core.sample_frames import camera_frame
 from cnn_rnn_perception.tools import options
+from cnn_rnn_perception.tools.environment.ros_env import (
+    BackgroundNode, stop_process, use_loopback_dds)
 from cnn_rnn_perception.tools.report import render_table, write_json
-from cnn_rnn_perception.tools.ros_env import BackgroundNode, stop_process, use_loopback_dds
 import numpy as np
 import psutil
 from tqdm import tqdm

@@ -16,10 +16,11 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
+from cnn_rnn_perception.core.checkpoint import default_labels, save_checkpoint, seeded
 from cnn_rnn_perception.core.engine import EngineBase, EngineSettings, resolve_device, TorchEngine
 from cnn_rnn_perception.core.engine.exported import ExportedEngine
-from cnn_rnn_perception.core.model import (
-    CnnRnnClassifier, default_labels, ModelConfig, Preprocessing, save_checkpoint, seeded)
+from cnn_rnn_perception.core.model import CnnRnnClassifier
+from cnn_rnn_perception.core.model_config import ModelConfig, Preprocessing
 from cnn_rnn_perception.core.preprocess import frames_to_array_cpu
 from cnn_rnn_perception.core.sample_frames import camera_frames
 from cnn_rnn_perception.tools import options

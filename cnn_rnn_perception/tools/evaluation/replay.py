@@ -17,8 +17,8 @@ import time
 from typing import Any, Sequence
 
 from cnn_rnn_perception.tools import options
-from cnn_rnn_perception.tools.bags import BagError, BagSource, IMAGE_TYPES, LABEL_TYPE
-from cnn_rnn_perception.tools.ros_env import BackgroundNode
+from cnn_rnn_perception.tools.environment.ros_env import BackgroundNode
+from cnn_rnn_perception.tools.evaluation.bags import BagError, BagSource, IMAGE_TYPES, LABEL_TYPE
 from tqdm import tqdm
 
 

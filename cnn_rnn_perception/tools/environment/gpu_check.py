@@ -169,8 +169,9 @@ def run_checks(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Prepare the wheelhouse, or run the checks."""
-    parser = argparse.ArgumentParser(prog='python -m cnn_rnn_perception.tools.gpu_check',
-                                     description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m cnn_rnn_perception.tools.environment.gpu_check',
+        description=__doc__.split('\n\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
     wheelhouse = commands.add_parser('wheelhouse', help='download the wheels (needs PyPI)')
     wheelhouse.add_argument('folder', type=Path)
