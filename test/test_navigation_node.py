@@ -42,7 +42,14 @@ SELECTOR_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """Train a small per-frame scene model on two drives; draw a third, held out, unlike them."""
+    """
+    Train a small per-frame scene model on eight drives; draw another, held out, unlike them.
+
+    Eight short drives (144 scenes) rather than two long ones (24 scenes, which passed on the
+    AMD EPYC machines CI had run on): on an Intel Xeon with AMX the model from 24 scenes
+    reached 71% on the held-out drive and this test failed. From 144 scenes, there, it reached
+    93-97% on four held-out drives from two training draws, each passing the checks below.
+    """
     from cnn_rnn_perception.core.model_config import ModelConfig
     from cnn_rnn_perception.tools.synthetic.synth import write_recording
     from cnn_rnn_perception.tools.training.data import bag_samples
@@ -50,14 +57,14 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     from cnn_rnn_perception.tools.training.train import train
 
     root = tmp_path_factory.mktemp('navigation')
-    drives = [str(write_recording(root / f'train_{seed}', scenes=12, seconds_per_scene=2.0,
+    drives = [str(write_recording(root / f'train_{seed}', scenes=18, seconds_per_scene=1.0,
                                   seed=seed, height=96, width=128, occluders=True,
-                                  progress=False)) for seed in range(2)]
+                                  progress=False)) for seed in range(8)]
     # Held out: another seed, longer scenes, a larger image (the node resizes).
     held_out = write_recording(root / 'held_out', scenes=6, seconds_per_scene=3.0, seed=4242,
                                height=120, width=160, occluders=True, topic=CAMERA,
                                label_topic=LABEL_TOPIC, progress=False)
-    settings = TrainSettings(model=ModelConfig(input_size=(64, 64), hidden_size=32), epochs=3,
+    settings = TrainSettings(model=ModelConfig(input_size=(64, 64), hidden_size=32), epochs=4,
                              batch_size=32, workers=0, device='cpu', val_block_s=4.0)
     classes, train_data, val_data, _, _ = bag_samples(drives, LABEL_TOPIC, settings,
                                                       progress=False)
