@@ -19,7 +19,7 @@ ROS_SOURCES ?= ../shared/ros-sources
 PYTHON310 ?= $(shell for p in $$(command -v python3.10) $$HOME/.pyenv/versions/3.10*/bin/python3.10; \
 	do "$$p" --version >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 PY310_TESTS := test/test_engine_slot.py test/test_engine.py test/test_model.py \
-	test/test_postprocess.py test/test_navigation.py
+	test/test_postprocess.py test/test_navigation.py test/test_worker.py
 # What a second distro must pass when `make test` runs both: everything that talks to rclpy.
 ROS_FACING_TESTS := test/test_node.py test/test_node_parts.py test/test_layout.py test/test_replay.py \
 	test/test_ros2_tools.py test/test_demo.py test/test_navigation.py test/test_navigation_node.py \
@@ -91,7 +91,7 @@ test-jazzy: .venv-jazzy/.installed
 
 test-py310: $(if $(PYTHON310),.venv-py310/.installed)
 	@if [ -z "$(PYTHON310)" ]; then echo "== Python 3.10: no python3.10 found (make PYTHON310=...); skipped =="; \
-	else echo "== Python 3.10 (Humble's): the core and the engine slot, without ROS =="; \
+	else echo "== Python 3.10 (Humble's): the core, the engine slot and the worker, without ROS =="; \
 	  .venv-py310/bin/python -m pytest $(PY310_TESTS) $(PYTEST_ARGS); fi
 
 test-fast: setup

@@ -8,13 +8,27 @@ import subprocess
 import sys
 
 from cnn_rnn_perception.core.model_config import ModelConfig, user_settings
+from cnn_rnn_perception.core.navigation import decision_fields, DecisionSettings
 from cnn_rnn_perception.ros.parameters import (
-    model_config, model_parameters, PARAMETERS, SPECS, validate_startup)
+    decision_settings, model_config, model_parameters, PARAMETERS, SPECS, validate_startup)
 from cnn_rnn_perception.tools import cli, options
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'cnn_rnn_perception'
+ROOT = PACKAGE.parent
 FLOORS = {'core': 0, 'ros': 1, 'tools': 2}
+# The rooms of tools/, each on a floor: a room imports only from rooms on floors below it.
+TOOL_FLOORS = {
+    'options': 0, 'report': 0, 'distributed': 0, 'environment': 0,
+    'evaluation': 1,
+    'training': 2, 'synthetic': 2, 'benchmarks': 2,
+    'temporal_demo': 3, 'demo': 4,
+    'cli': 1,  # the command table: it names the commands, importing none of them
+}
+# The ROS adapter's parts that run without ROS (tested on Humble's Python without rclpy).
+ROS_FREE = ('cnn_rnn_perception.ros.cameras', 'cnn_rnn_perception.ros.engine_slot',
+            'cnn_rnn_perception.ros.worker')
+MAX_FILE_LINES = 500
 
 
 def _module_name(path: Path) -> str:
@@ -76,6 +90,40 @@ def test_no_module_imports_itself_back_through_others():
     assert cycles == []
 
 
+def _tool_room(module: str) -> str | None:
+    parts = module.split('.')
+    return parts[2] if len(parts) > 2 and parts[1] == 'tools' else None
+
+
+def test_every_tools_room_has_a_floor_and_imports_only_from_below():
+    rooms = {_tool_room(_module_name(path)) for path in (PACKAGE / 'tools').rglob('*.py')}
+    assert rooms - {None} == set(TOOL_FLOORS), 'a new room of tools/ needs its floor here'
+    upward = [(module, target) for module, targets in _imports().items()
+              for target in targets
+              if _tool_room(module) and _tool_room(target)
+              and _tool_room(module) != _tool_room(target)
+              and TOOL_FLOORS[_tool_room(target)] >= TOOL_FLOORS[_tool_room(module)]]
+    assert upward == []
+
+
+def test_the_ros_free_parts_of_the_adapter_import_no_ros():
+    graph = _imports()
+    for module in ROS_FREE:
+        path = PACKAGE.parent / (module.replace('.', '/') + '.py')
+        imported = {alias.name.split('.')[0] for node in ast.walk(ast.parse(path.read_text()))
+                    for alias in (node.names if isinstance(node, ast.Import) else [])}
+        imported |= {node.module.split('.')[0] for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & {'rclpy', 'rcl_interfaces', 'sensor_msgs', 'std_msgs'}, module
+        assert graph[module] <= set(ROS_FREE) | {m for m in graph if _floor(m) == 0}, module
+
+
+def test_no_file_is_longer_than_a_newcomer_reads_at_once():
+    long = {str(path.relative_to(ROOT)): lines for path in PACKAGE.rglob('*.py')
+            for lines in [len(path.read_text().splitlines())] if lines > MAX_FILE_LINES}
+    assert long == {}
+
+
 def test_the_top_level_offers_the_documented_names_without_importing_torch():
     import cnn_rnn_perception
     for name in cnn_rnn_perception.__all__:
@@ -116,7 +164,7 @@ def test_the_command_is_a_short_table_whose_help_needs_no_torch():
 
 def test_no_flag_is_declared_in_two_places():
     declared = list(options.FLAGS)
-    for path in (PACKAGE / 'tools').glob('*.py'):
+    for path in (PACKAGE / 'tools').rglob('*.py'):
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr == 'add_argument'):
@@ -178,3 +226,26 @@ def test_a_config_file_sets_defaults_and_flags_still_win(tmp_path, command):
 def test_tools_find_the_dds_profile_of_a_source_checkout():
     from cnn_rnn_perception.tools.environment.ros_env import dds_profile
     assert dds_profile() == str(PACKAGE.parent / 'config' / 'fastdds_shm.xml')
+
+
+def test_decision_settings_are_written_once_and_read_by_the_node_and_evaluate():
+    flags = {action.dest: action for action in _parser_of('evaluate')._actions}
+    args = _parser_of('evaluate').parse_args(['bag'])
+    from cnn_rnn_perception.tools.evaluation.evaluate import decision_settings as from_flags
+    assert from_flags(args) == DecisionSettings()
+    values = {spec.name: spec.default for spec in PARAMETERS}
+    assert decision_settings(values) == DecisionSettings()
+    sources = {path: path.read_text() for path in PACKAGE.rglob('*.py')}
+    for setting in decision_fields():
+        meta = setting.metadata
+        spec = SPECS[meta['parameter']]
+        assert (spec.default, spec.minimum, spec.maximum, spec.live) == (
+            setting.default, *meta['limits'], True), setting.name
+        assert spec.description == meta['help']
+        flag = flags[setting.name]
+        assert flag.option_strings == [meta['flag']] and flag.default == setting.default
+        assert meta['help'] in flag.help
+        # A copy of the help anywhere else would drift from this one.
+        opening = meta['help'][:40]
+        holders = [path.name for path, text in sources.items() if opening in text]
+        assert holders == ['navigation.py'], (setting.name, holders)

@@ -6,7 +6,7 @@ import time
 
 from cnn_rnn_perception.core.engine import StageTimes
 from cnn_rnn_perception.ros.cameras import (
-    CameraStats, LatestFrames, RateLimitedLog, run_supervised)
+    CameraStats, LatestFrames, RateLimitedLog)
 from cnn_rnn_perception.ros.outputs import class_hypotheses, scene_record, stamp_now
 from cnn_rnn_perception.ros.parameters import (
     choose_labels, model_config, needs_reload, PARAMETERS, validate, validate_startup)
@@ -191,19 +191,6 @@ def test_the_rejection_log_limiter_stays_bounded_whatever_the_reasons():
     assert len(log) == 16
     assert not log.should_log('/cam', 'truncated image: 9999 bytes', now=2.0)
     assert log.should_log('/cam', 'truncated image: 9999 bytes', now=6.5)
-
-
-def test_a_batch_that_raises_rejects_its_other_frames_and_the_worker_goes_on():
-    rejected = []
-
-    def classify(handled):
-        handled.add('/a')  # published before the failure
-        raise KeyError('boom')
-    error = run_supervised(classify, ['/a', '/b', '/c'], lambda t, r: rejected.append((t, r)))
-    assert isinstance(error, KeyError)
-    assert sorted(topic for topic, _ in rejected) == ['/b', '/c']
-    assert all(reason.startswith('internal error: KeyError') for _, reason in rejected)
-    assert run_supervised(lambda handled: None, ['/a'], lambda t, r: None) is None
 
 
 def test_frames_arriving_with_none_classified_is_an_error_naming_the_cause():

@@ -18,6 +18,7 @@ on a steady clock (a dead camera stops its stamps too).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 import math
 from pathlib import Path
@@ -84,26 +85,55 @@ class SceneFusion:
             self._newest.pop(camera, None)
 
 
+def _tunable(default: float, help_text: str, limits: tuple[float, float], *, parameter: str,
+             flag: str) -> Any:
+    """Declare a decision setting: default, help, range, the node's parameter, evaluate's flag."""
+    return field(default=default, metadata={'help': help_text, 'limits': limits,
+                                            'parameter': parameter, 'flag': flag})
+
+
+def decision_fields() -> list[dataclasses.Field]:
+    """
+    Return DecisionSettings' fields: the one source of their defaults, help and ranges.
+
+    The node's parameters and ``evaluate``'s flags are generated from these, so a team tunes
+    on its bags exactly the settings it then sets on the robot.
+    """
+    return list(dataclasses.fields(DecisionSettings))
+
+
 @dataclass(frozen=True)
 class DecisionSettings:
-    """How hard the decision is to change; every field can change live."""
+    """How the cameras' results become the robot's decision; every field can change live."""
 
     # Chosen on four drawn tuning drives (not the demo's held-out ones) with the demo's
     # per-frame scene model: 0.83 spurious changes a minute against 20.0 per-frame, switch
     # delay p95 0.41 s (margin 0.1: 1.67); a dwell of 0.3 s gave 2.92 and 0.95 s, 0.4 s 5.84
     # and 1.01 s (a switch later than 0.5 s also counts as spurious).
-    dwell_s: float = 0.2
-    margin: float = 0.2
-    score_threshold: float = 0.0
+    dwell_s: float = _tunable(
+        0.2, 'A new scene must lead this long (by frame stamps) before the decision changes; '
+        'also how long the score must stay below score_threshold before it becomes unknown.',
+        (0.0, 60.0), parameter='navigation.dwell_s', flag='--dwell-s')
+    margin: float = _tunable(
+        0.2, "... and lead the decided scene's probability by this much, frame after frame.",
+        (0.0, 1.0), parameter='navigation.margin', flag='--margin')
+    score_threshold: float = _tunable(
+        0.0, "Classes scoring below this are not published; the robot's decision becomes "
+        'unknown when its best class stays below this for navigation.dwell_s.', (0.0, 1.0),
+        parameter='score_threshold', flag='--score-threshold')
+    window_s: float = _tunable(
+        FUSION_WINDOW_S, "A camera's newest result counts in the robot's scene while it is at "
+        "most this much older than the newest camera's, weighted down with age.",
+        (0.01, 10.0), parameter='navigation.window_s', flag='--fusion-window-s')
 
     def check(self) -> None:
-        """Raise ValueError naming the field that is out of range."""
-        if not 0.0 <= self.dwell_s <= 60.0:
-            raise ValueError(f'dwell must be in [0, 60] s; got {self.dwell_s}')
-        if not 0.0 <= self.margin <= 1.0:
-            raise ValueError(f'margin must be in [0, 1]; got {self.margin}')
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f'score threshold must be in [0, 1]; got {self.score_threshold}')
+        """Raise ValueError naming the setting that is out of range."""
+        for setting in decision_fields():
+            low, high = setting.metadata['limits']
+            value = getattr(self, setting.name)
+            if not low <= value <= high:
+                raise ValueError(f'{setting.metadata["parameter"]} must be in [{low:g}, '
+                                 f'{high:g}]; got {value}')
 
 
 @dataclass
@@ -181,22 +211,21 @@ class RobotDecision:
     clock's reading (``time.monotonic()``), used only for staleness.
     """
 
-    def __init__(self, settings: DecisionSettings | None = None,
-                 window_s: float = FUSION_WINDOW_S, stale_after_s: float = 1.0,
+    def __init__(self, settings: DecisionSettings | None = None, stale_after_s: float = 1.0,
                  now: float = 0.0) -> None:
         self._lock = threading.Lock()
-        self.fusion = SceneFusion(window_s)
-        self.decision = SceneDecision(settings or DecisionSettings())
+        settings = settings or DecisionSettings()
+        self.fusion = SceneFusion(settings.window_s)
+        self.decision = SceneDecision(settings)
         self.stale_after_s = stale_after_s
         self.last_result_at = now
         self.scene: FusedScene | None = None
 
-    def configure(self, settings: DecisionSettings, window_s: float,
-                  stale_after_s: float) -> None:
+    def configure(self, settings: DecisionSettings, stale_after_s: float) -> None:
         """Change the settings live; the decided scene and the cameras' results are kept."""
         settings.check()
         with self._lock:
-            self.fusion.configure(window_s)
+            self.fusion.configure(settings.window_s)
             self.decision.settings = settings
             self.stale_after_s = stale_after_s
 

@@ -1,10 +1,10 @@
 """
-The node's per-camera bookkeeping, without ROS: counters, the newest frame, supervised batches.
+The node's per-camera bookkeeping, without ROS: counters, the newest frame, rate-limited logs.
 
 ``LatestFrames`` keeps only the newest frame of each camera (no backlog, ever); ``CameraStats``
-counts every frame received as classified, dropped as stale or rejected; ``run_supervised``
-runs one batch so that nothing it raises stops the worker or loses a frame. Plain Python,
-tested without ``rclpy.init``.
+counts every frame received as classified, dropped as stale or rejected; ``RateLimitedLog``
+keeps a camera that repeats one fault from flooding the log. Plain Python, tested without
+``rclpy.init`` (the worker that runs the batches is ``ros.worker``).
 """
 
 from __future__ import annotations
@@ -12,34 +12,9 @@ from __future__ import annotations
 from collections import deque, OrderedDict
 import threading
 import time
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Hashable
 
 import numpy as np
-
-
-def run_supervised(classify: Callable[[set], None], topics: Iterable[str],
-                   reject: Callable[[str, str], None]) -> Exception | None:
-    """
-    Run one batch so that nothing it raises stops the worker or loses a frame.
-
-    ``classify(handled)`` adds each topic it published or rejected to ``handled``; when it
-    raises, every other topic of the batch is rejected with the error, and the error returned.
-    """
-    handled: set[str] = set()
-    try:
-        classify(handled)
-    except Exception as error:  # noqa: B902 - one bad batch must not stop the cameras
-        reason = f'internal error: {type(error).__name__}: {error}'
-        for topic in set(topics) - handled:
-            reject(topic, reason)
-        return error
-    return None
-
-
-def stuck_after_s(silent_after_s: float) -> float:
-    """Return how long one batch may run before the worker counts as stuck."""
-    # Batches take milliseconds to a second; compiling never happens in the worker.
-    return max(10.0, 3.0 * silent_after_s)
 
 
 class RateLimitedLog:

@@ -2,8 +2,9 @@
 What the node publishes, built by small pure functions outside its callbacks.
 
 The scene records (``~/scene``'s and ``~/robot_scene``'s JSON), vision_msgs' ``Classification``
-and ``LabelInfo``, Nav2's ``SpeedLimit``, the debug image and ``/diagnostics``' statuses are
-each built here from plain values; the node only publishes them. vision_msgs and nav2_msgs are
+and ``LabelInfo``, Nav2's ``SpeedLimit``, the debug image and ``/diagnostics``' statuses (the
+node's, each camera's, the robot's decision) are each built here from plain values; the node
+only publishes them. vision_msgs and nav2_msgs are
 optional (apt packages on a robot, no PyPI wheel): without them ``VISION_MSGS`` or
 ``NAV2_MSGS`` is False and the node says once which outputs are off.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from cnn_rnn_perception.core.engine import StageTimes
-from cnn_rnn_perception.core.navigation import FusedScene, PolicyEntry
+from cnn_rnn_perception.core.navigation import FusedScene, PolicyEntry, ScenePolicy, STALE
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 import numpy as np
 from sensor_msgs.msg import Image
@@ -33,6 +34,8 @@ except ImportError:
     NAV2_MSGS = False
 
 LEVELS = {0: DiagnosticStatus.OK, 1: DiagnosticStatus.WARN, 2: DiagnosticStatus.ERROR}
+# What went wrong, for /diagnostics: (level, message); None when all is well.
+Problem = tuple[int, str]
 
 
 def class_hypotheses(best: list[tuple[str, float]], labels: list[str]
@@ -45,6 +48,11 @@ def class_hypotheses(best: list[tuple[str, float]], labels: list[str]
     """
     index = {label: position for position, label in enumerate(labels)}
     return [(str(index[label]), score) for label, score in best]
+
+
+def stamp_seconds(stamp: Any) -> float:
+    """Return a ``builtin_interfaces/Time`` as seconds."""
+    return stamp.sec + stamp.nanosec * 1e-9
 
 
 def stamp_now(ros_now_ns: int, wall_ns: int) -> int:
@@ -149,3 +157,75 @@ def debug_lines(topic: str, best: list[tuple[str, float]], decision: str, node_m
     """Return what the debug image says: camera, classes, the robot's decision, latency."""
     classes = '  '.join(f'{label} {score:.2f}' for label, score in best[:3]) or '(below threshold)'
     return [f'{topic}: {classes}', f'robot: {decision}', f'receive to publish {node_ms:.1f} ms']
+
+
+def engine_values(engine: Any) -> dict[str, Any]:
+    """Return what /diagnostics says of the running engine (none: nothing)."""
+    if engine is None:
+        return {}
+    values = {}
+    choice = getattr(engine, 'backend_choice', None)
+    if choice is not None:
+        values['backend_choice'] = choice.summary()
+    return {**values, 'device': str(engine.device), 'precision': engine.precision,
+            'model': engine.describe()}
+
+
+def node_problem(active: bool, busy_for_s: float | None, stuck_after: float,
+                 engine_status: str, serving: bool, problem: Problem | None) -> Problem | None:
+    """Return what is wrong with the node as a whole, worst first, or None."""
+    if active and busy_for_s is not None and busy_for_s > stuck_after:
+        return 2, f'inference stuck in one batch for {busy_for_s:.0f} s'
+    if active and not serving and problem is None:
+        return 1, f'model {engine_status}'
+    return problem
+
+
+def stalled_after_s(silent_after_s: float, max_rate_hz: float) -> float:
+    """Return how long frames may arrive with none classified before a camera is in error."""
+    return silent_after_s + (1.0 / max_rate_hz if max_rate_hz > 0 else 0.0)
+
+
+def camera_statuses(name: str, state: str, problem: Problem | None,
+                    snapshots: dict[str, dict[str, Any]], memory: dict[str, Any],
+                    hardware_id: str, common: dict[str, Any]) -> list[DiagnosticStatus]:
+    """
+    Return one status per camera (``CameraStats.snapshot``), or the node's alone with none.
+
+    A node that is not active reports its state (or its problem) on every camera; an active
+    one reports the camera's own level unless the node's problem is worse. A temporal model's
+    memory of a camera (``engine.stream_status()``) is added to that camera's values.
+    """
+    if not snapshots:
+        level, message = problem or (0, state)
+        return [diagnostic_status(name, level, message, hardware_id, common)]
+    statuses = []
+    for topic, snapshot in snapshots.items():
+        values = dict(snapshot)
+        level, message = values.pop('level'), values.pop('message')
+        if state != 'active':
+            level, message = problem or (0, state)
+        elif problem is not None and problem[0] > level:
+            level, message = problem
+        if topic in memory:  # a temporal model: how much of this camera it remembers
+            values.update(state_age_s=memory[topic].age_s, state_frames=memory[topic].frames,
+                          state_started_by=memory[topic].reason)
+        statuses.append(diagnostic_status(f'{name}: {topic}', level, message, hardware_id,
+                                          {**values, **common}))
+    return statuses
+
+
+def decision_status(name: str, hardware_id: str,
+                    snapshot: tuple[str, str, float | None, FusedScene | None],
+                    policy: ScenePolicy | None, speed_limit_output: bool) -> DiagnosticStatus:
+    """Return the robot's decision for /diagnostics: its state, why, and what Nav2 gets."""
+    label, reason, _, scene = snapshot
+    values = {'decision': label, 'reason': reason,
+              'cameras': ' '.join(scene.cameras) if scene is not None else '',
+              'policy_file': policy.source if policy is not None else '',
+              'speed_limit_output': ('on' if speed_limit_output else 'off: nav2_msgs is not '
+                                     'installed') if policy is not None else 'no policy'}
+    if policy is not None:
+        values['policy_entry'] = policy.entry(label).describe()
+    level = 1 if label == STALE else 0
+    return diagnostic_status(name, level, f'decision {label}: {reason}', hardware_id, values)

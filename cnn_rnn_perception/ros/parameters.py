@@ -4,26 +4,30 @@ The node's parameters: every one with its default, description and range, and th
 The node declares exactly ``PARAMETERS`` (each with ``descriptor(spec)``); ``validate`` is what
 its on-set callback asks. The ``model.*`` parameters are generated from ``ModelConfig``'s
 fields, so the node, the command line and the checkpoint name a model setting alike. Pure
-functions, tested without ``rclpy.init``.
+functions, tested without ``rclpy.init``; ``build_model`` builds the engine they describe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from typing import Any
 
 from cnn_rnn_perception.core.checkpoint import default_labels
 from cnn_rnn_perception.core.engine import (
-    BACKENDS, EngineSettings, inspect_model_file, is_exported, parse_device_name, PRECISIONS,
-    resolve_device)
+    BACKENDS, create_engine, EngineSettings, inspect_model_file, is_exported,
+    parse_device_name, PRECISIONS, resolve_device)
 from cnn_rnn_perception.core.model_config import ModelConfig, user_settings
 from cnn_rnn_perception.core.navigation import (
-    DecisionSettings, FUSION_WINDOW_S, load_policy, RobotDecision)
+    decision_fields, DecisionSettings, load_policy, RobotDecision)
 from cnn_rnn_perception.core.sample_frames import NAVIGATION_LABELS
+from cnn_rnn_perception.ros.engine_slot import LoadedModel
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+_LOG = logging.getLogger(__name__)
 
 RELIABILITIES = ('best_effort', 'reliable')
-_DECISION = DecisionSettings()
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,6 @@ _NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
                   minimum=0.0, maximum=1000.0),
     ParameterSpec('top_k', 5, 'Classes published per frame.', live=True, minimum=1,
                   maximum=1000),
-    ParameterSpec('score_threshold', 0.0, 'Classes scoring below this are not published; '
-                  "the robot's decision becomes unknown when its best class stays below this "
-                  'for navigation.dwell_s.',
-                  live=True, minimum=0.0, maximum=1.0),
     ParameterSpec('smoothing', 0.0, "Exponential moving average weight of each camera's "
                   'class history; 0 = off.', live=True, minimum=0.0, maximum=0.99),
     ParameterSpec('smoothing_reset_s', 2.0, 'A camera gap longer than this (by frame stamps) '
@@ -92,16 +92,6 @@ _NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
                   'stale to a Nav2 speed limit, controller and planner (see '
                   'config/navigation_policy.yaml). Empty: ~/robot_scene only, nothing sent to '
                   'Nav2. Checked against the labels when set.', live=True),
-    ParameterSpec('navigation.dwell_s', _DECISION.dwell_s, 'A new scene must lead this long '
-                  '(by frame stamps) before the decision changes; also how long the score must '
-                  'stay below score_threshold before it becomes unknown.', live=True,
-                  minimum=0.0, maximum=60.0),
-    ParameterSpec('navigation.margin', _DECISION.margin, "... and lead the decided scene's "
-                  'probability by this much, frame after frame.', live=True, minimum=0.0,
-                  maximum=1.0),
-    ParameterSpec('navigation.window_s', FUSION_WINDOW_S, "A camera's newest result counts in "
-                  "the robot's scene while it is at most this much older than the newest "
-                  "camera's, weighted down with age.", live=True, minimum=0.01, maximum=10.0),
     ParameterSpec('navigation.stale_after_s', 1.0, 'No camera classified for this long: the '
                   "decision becomes stale and the policy's stale entry is sent.", live=True,
                   minimum=0.1, maximum=60.0),
@@ -120,6 +110,13 @@ _NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
 )
 
 
+def _decision_parameter(setting) -> ParameterSpec:
+    """Return a DecisionSettings field as the node's parameter (live, like every one)."""
+    minimum, maximum = setting.metadata['limits']
+    return ParameterSpec(setting.metadata['parameter'], setting.default,
+                         setting.metadata['help'], live=True, minimum=minimum, maximum=maximum)
+
+
 def _model_parameter(setting) -> ParameterSpec:
     """Return a ModelConfig field as the node's ``model.<field>`` parameter (it reloads)."""
     default, meta = setting.default, setting.metadata
@@ -131,9 +128,15 @@ def _model_parameter(setting) -> ParameterSpec:
                          choices=meta['choices'])
 
 
+# The model's settings after the checkpoint, the decision's beside the other navigation ones.
+_MODEL_AT = 5
+_DECISION_AT = [spec.name for spec in _NODE_PARAMETERS].index('navigation.stale_after_s')
 PARAMETERS: tuple[ParameterSpec, ...] = (
-    _NODE_PARAMETERS[:5] + tuple(_model_parameter(setting) for setting in user_settings())
-    + _NODE_PARAMETERS[5:])
+    _NODE_PARAMETERS[:_MODEL_AT]
+    + tuple(_model_parameter(setting) for setting in user_settings())
+    + _NODE_PARAMETERS[_MODEL_AT:_DECISION_AT]
+    + tuple(_decision_parameter(setting) for setting in decision_fields())
+    + _NODE_PARAMETERS[_DECISION_AT:])
 
 SPECS = {spec.name: spec for spec in PARAMETERS}
 RELOAD_HINT = ('it needs a new engine; the node builds it in the background while the '
@@ -214,12 +217,15 @@ def policy_problem(path: str, labels: list[str]) -> str | None:
     return None
 
 
+def decision_settings(values: dict[str, Any]) -> DecisionSettings:
+    """Return the DecisionSettings the node's parameters describe."""
+    return DecisionSettings(**{setting.name: values[setting.metadata['parameter']]
+                               for setting in decision_fields()})
+
+
 def configure_decision(robot: RobotDecision, values: dict[str, Any]) -> None:
-    """Apply the navigation.* and score_threshold parameters to a robot's decision."""
-    robot.configure(DecisionSettings(dwell_s=values['navigation.dwell_s'],
-                                     margin=values['navigation.margin'],
-                                     score_threshold=values['score_threshold']),
-                    window_s=values['navigation.window_s'],
+    """Apply the decision parameters and navigation.stale_after_s to a robot's decision."""
+    robot.configure(decision_settings(values),
                     stale_after_s=values['navigation.stale_after_s'])
 
 
@@ -302,9 +308,59 @@ def engine_settings(values: dict[str, Any], camera_count: int, *,
                           max_streams=max(EngineSettings.max_streams, camera_count))
 
 
+def labels_for(values: dict[str, Any]) -> list[str]:
+    """Return the labels the node publishes: the checkpoint's (read from its header) or ours."""
+    checkpoint = values['model.checkpoint']
+    if checkpoint:
+        return choose_labels(inspect_model_file(checkpoint).labels, values['labels'])
+    return list(values['labels'])
+
+
 def choose_labels(checkpoint_labels: list[str], parameter_labels: list[str]) -> list[str]:
     """Use the ``labels`` parameter only where the checkpoint has placeholder names."""
     if (checkpoint_labels == default_labels(len(checkpoint_labels))
             and len(parameter_labels) == len(checkpoint_labels)):
         return list(parameter_labels)
     return list(checkpoint_labels)
+
+
+def plain(value: Any) -> Any:
+    """Return a parameter value as plain Python: arrays as lists."""
+    return list(value) if not isinstance(value, (str, bytes, bool, int, float)) else value
+
+
+def subscription_qos(values: dict[str, Any]) -> QoSProfile:
+    """Return the QoS the qos.* parameters ask of every camera subscription."""
+    reliability = (ReliabilityPolicy.RELIABLE if values['qos.reliability'] == 'reliable'
+                   else ReliabilityPolicy.BEST_EFFORT)
+    return QoSProfile(depth=int(values['qos.depth']), reliability=reliability)
+
+
+def build_model(values: dict[str, Any], compiled: bool,
+                on_worker: Any = None) -> LoadedModel:
+    """
+    Build and warm up the engine the parameters describe (in the EngineSlot's builder).
+
+    ``on_worker`` runs a task in the inference worker's thread between batches: backend auto
+    times the backends, and a GPU engine captures its CUDA graphs, where they will run, with
+    nothing else on the device meanwhile (a capture beside a running batch fails or is wrong).
+    """
+    cameras = len(values['image_topics'])
+    settings = engine_settings(values, cameras, compiled=compiled)
+    checkpoint = values['model.checkpoint'] or None
+    config = None if checkpoint else model_config(values)
+    if config is not None and not compiled:
+        _LOG.warning(f'model.checkpoint is empty: built {config.backbone} {config.sequence} '
+                     'with RANDOM weights; classifications mean nothing until model.checkpoint '
+                     'names a trained checkpoint')
+    engine = create_engine(checkpoint, settings, config=config, labels=values['labels'],
+                           on_worker=on_worker)
+    labels = choose_labels(engine.labels, values['labels'])
+    try:
+        # Every batch the worker can form (one frame per camera at most) is compiled here,
+        # so nothing compiles in the inference thread.
+        engine.warmup(batch_sizes=range(2, cameras + 1))
+    except BaseException:
+        engine.close()
+        raise
+    return LoadedModel(engine=engine, labels=labels, values=values, compiled=compiled)

@@ -15,8 +15,8 @@ Each step is skipped when what it would install is already there from the same s
 (the wheels' CMake exports name include dirs of the container they were built in) is handled
 by a CMake file given with ``-DCMAKE_PROJECT_INCLUDE`` that corrects the imported targets.
 
-    python -m cnn_rnn_perception.tools.environment.ros_from_source --sources DIR \\
-        --distro kilted|jazzy
+    python -m cnn_rnn_perception.tools.environment.ros_from_source --distro kilted|jazzy
+        --sources DIR
 """
 
 from __future__ import annotations

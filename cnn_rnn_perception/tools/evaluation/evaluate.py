@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from cnn_rnn_perception.core.engine import create_engine
-from cnn_rnn_perception.core.navigation import DecisionSettings, FUSION_WINDOW_S
+from cnn_rnn_perception.core.navigation import decision_fields, DecisionSettings
 from cnn_rnn_perception.tools import options
 from cnn_rnn_perception.tools.distributed import Distributed
 from cnn_rnn_perception.tools.evaluation.runner import (
@@ -59,30 +59,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--smoothing', type=float, default=0.0,
                         help="average each stream's probabilities over time with this "
                              "weight, as the node's smoothing parameter does (default: 0)")
-    defaults = DecisionSettings()
     decision = parser.add_argument_group(
         "the robot's decision (the node's navigation.* parameters; tune them here on your "
         'bags, then set them on the robot)')
-    decision.add_argument('--dwell-s', type=float, default=defaults.dwell_s,
-                          help='a new scene must lead this long before the decision changes, '
-                               'as navigation.dwell_s (default: %(default)s)')
-    decision.add_argument('--margin', type=float, default=defaults.margin,
-                          help='... and by this much probability, as navigation.margin '
-                               '(default: %(default)s)')
-    decision.add_argument('--score-threshold', type=float, default=defaults.score_threshold,
-                          help='below this the decision becomes unknown after the dwell, as '
-                               'score_threshold (default: %(default)s)')
-    decision.add_argument('--fusion-window-s', type=float, default=FUSION_WINDOW_S,
-                          help="a camera's newest result counts in the robot's scene this long, "
-                               'as navigation.window_s (default: %(default)s)')
+    for setting in decision_fields():
+        meta = setting.metadata
+        decision.add_argument(meta['flag'], dest=setting.name, type=float,
+                              default=setting.default,
+                              help=f'{meta["help"]} As the node\'s {meta["parameter"]} '
+                                   '(default: %(default)s)')
     options.add(parser, '--reset-after-s', '--compile', '--no-progress')
     options.add_engine_arguments(parser)
 
 
 def decision_settings(args: argparse.Namespace) -> DecisionSettings:
     """Return the decision settings the flags ask for, checked."""
-    settings = DecisionSettings(dwell_s=args.dwell_s, margin=args.margin,
-                                score_threshold=args.score_threshold)
+    settings = DecisionSettings(**{setting.name: getattr(args, setting.name)
+                                   for setting in decision_fields()})
     settings.check()
     return settings
 
@@ -108,8 +101,7 @@ def _evaluate_shared_out(args: argparse.Namespace) -> dict[str, Any] | None:
                                predictions_path=args.output if distributed.world == 1 else None,
                                smoothing=args.smoothing,
                                progress=not args.no_progress and distributed.main,
-                               decision=decision_settings(args),
-                               fusion_window_s=args.fusion_window_s)
+                               decision=decision_settings(args))
         labels = list(engine.labels)
     if distributed.world == 1:
         return result

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from cnn_rnn_perception.core.engine import EngineBase
 from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
-from cnn_rnn_perception.core.navigation import DecisionSettings, FUSION_WINDOW_S, RobotDecision
+from cnn_rnn_perception.core.navigation import DecisionSettings, RobotDecision
 from cnn_rnn_perception.core.postprocess import ProbabilitySmoother
 from cnn_rnn_perception.tools.evaluation.bags import (
     BadMessage, BagError, BagFrame, BagSource, Labels)
@@ -130,14 +130,13 @@ def evaluate_bags(paths: Sequence[str], engine: EngineBase, *,
                   predictions_path: str | Path | None = None, top_k: int = 5,
                   smoothing: float = 0.0, smoothing_reset_s: float = 2.0,
                   decision: DecisionSettings | None = None,
-                  fusion_window_s: float = FUSION_WINDOW_S,
                   progress: bool = True) -> dict[str, Any]:
     """
     Run the engine over every frame; return predictions, counts, throughput and scores.
 
     ``smoothing`` averages each stream's probabilities over time as the node's ``smoothing``
     parameter does, so a per-frame model can be scored the way it would run. Each bag is one
-    robot: its cameras are fused and decided on (``decision``, ``fusion_window_s``) as the
+    robot: its cameras are fused and decided on (``decision``) as the
     node's ``navigation.*`` parameters do, frame by frame in stamp order.
     """
     smoother = ProbabilitySmoother(smoothing, smoothing_reset_s)
@@ -188,7 +187,7 @@ def evaluate_bags(paths: Sequence[str], engine: EngineBase, *,
                 estimate, ranked = smoother.rank((record.bag, record.topic),
                                                  record.stamp_ns * 1e-9, result.probabilities,
                                                  top_k, engine.labels)
-                robot = robots.setdefault(record.bag, RobotDecision(decision, fusion_window_s))
+                robot = robots.setdefault(record.bag, RobotDecision(decision))
                 robot.add([(record.topic, record.stamp_ns * 1e-9, estimate)], engine.labels,
                           now=record.stamp_ns * 1e-9)
                 prediction = Prediction(
@@ -211,8 +210,7 @@ def evaluate_bags(paths: Sequence[str], engine: EngineBase, *,
         'frames_per_s': len(predictions) / elapsed if elapsed else None,
         'engine_frames_per_s': len(predictions) / engine_seconds if engine_seconds else None,
         'engine': engine.describe(), 'smoothing': smoothing,
-        'decision_settings': {**asdict(decision or DecisionSettings()),
-                              'fusion_window_s': fusion_window_s},
+        'decision_settings': asdict(decision or DecisionSettings()),
     }
     if summary['frames_per_s'] and summary['engine_frames_per_s']:
         summary['throughput_vs_engine'] = summary['frames_per_s'] / summary['engine_frames_per_s']
