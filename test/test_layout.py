@@ -4,13 +4,15 @@ import argparse
 import ast
 import dataclasses
 from pathlib import Path
+import re
 import subprocess
 import sys
 
 from cnn_rnn_perception.core.model_config import ModelConfig, user_settings
 from cnn_rnn_perception.core.navigation import decision_fields, DecisionSettings
 from cnn_rnn_perception.ros.parameters import (
-    decision_settings, model_config, model_parameters, PARAMETERS, SPECS, validate_startup)
+    decision_settings, model_config, model_parameters, parameter_table, PARAMETERS, SPECS,
+    validate_startup)
 from cnn_rnn_perception.tools import cli, options
 import pytest
 
@@ -138,14 +140,36 @@ def test_the_top_level_offers_the_documented_names_without_importing_torch():
     assert fresh.stdout.strip() == 'False'
 
 
-def test_the_readme_examples_use_only_the_top_level():
-    readme = (PACKAGE.parent / 'README.md').read_text()
-    blocks = [block.split('```', 1)[0] for block in readme.split('```python')[1:]]
-    assert blocks
+DOCS = sorted((ROOT / 'docs').glob('*.md'))
+
+
+def test_the_readme_and_docs_examples_use_only_the_top_level():
+    blocks = [block.split('```', 1)[0] for page in [ROOT / 'README.md', *DOCS]
+              for block in page.read_text().split('```python')[1:]]
+    assert len(blocks) > 1
     for block in blocks:
         for line in block.splitlines():
             if line.startswith(('from cnn_rnn_perception', 'import cnn_rnn_perception')):
                 assert line.startswith('from cnn_rnn_perception import '), line
+
+
+def test_the_readme_is_a_front_door_to_every_docs_page():
+    readme = (ROOT / 'README.md').read_text()
+    lines = readme.splitlines()
+    assert len(lines) < 300
+    first = '\n'.join(lines[:60])
+    assert 'make demo' in first and 'accuracy on the held-out recording' in first
+    assert DOCS and [page.name for page in DOCS if f'(docs/{page.name}' not in readme] == []
+    for page in DOCS:  # links between pages point at pages that exist
+        for target in re.findall(r'\]\(([a-z_-]+\.md)', page.read_text()):
+            assert (ROOT / 'docs' / target).exists(), (page.name, target)
+
+
+def test_the_docs_parameter_table_is_the_one_the_parameters_make():
+    page = (ROOT / 'docs' / 'node-and-parameters.md').read_text()
+    table = page.split('-->\n', 1)[1].split('\n<!-- end parameters -->')[0] \
+        if '<!-- parameters:' in page else ''
+    assert table == parameter_table(), 'regenerate it with ros.parameters.parameter_table()'
 
 
 def test_the_command_is_a_short_table_whose_help_needs_no_torch():

@@ -364,3 +364,29 @@ def build_model(values: dict[str, Any], compiled: bool,
         engine.close()
         raise
     return LoadedModel(engine=engine, labels=labels, values=values, compiled=compiled)
+
+
+def parameter_table() -> str:
+    """
+    Return every parameter as the Markdown table docs/node-and-parameters.md shows.
+
+    The docs hold this table between markers and a test compares them, so the page cannot
+    drift from the descriptors ``ros2 param describe`` prints.
+    """
+    def shown(value: Any) -> str:
+        text = repr(value) if isinstance(value, str) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        return f'`{text}`'
+
+    rows = ['| parameter | default | range | changes | what it does |', '|---|---|---|---|---|']
+    for spec in PARAMETERS:
+        if spec.choices:
+            limits = ', '.join(spec.choices)
+        elif spec.minimum is not None:
+            limits = f'{spec.minimum:g} to {spec.maximum:g}'
+        else:
+            limits = ''
+        changes = 'read-only' if spec.read_only else 'live' if spec.live else 'reload'
+        rows.append(f'| `{spec.name}` | {shown(spec.default)} | {limits} | {changes} | '
+                    f'{spec.description.replace("|", "/")} |')
+    return '\n'.join(rows)
