@@ -5,7 +5,7 @@ The node is started by ``ros2 launch cnn_rnn_perception perception.launch.py`` a
 process (launch_ros finds the executable in ``lib/cnn_rnn_perception``, as on a robot) and is
 then driven only through the ``ros2`` command line, each call a process of its own, exactly as
 typed in a terminal and in the README. This process only plays the camera. The tools are
-built from upstream sources by ``make setup`` (``tools/ros_from_source.py``).
+built from upstream sources by ``make setup`` (``tools/environment/ros_from_source.py``).
 """
 
 from __future__ import annotations
