@@ -4,12 +4,14 @@ import importlib.util
 import threading
 import time
 
+from bad_files import bad_model_files, bad_policy_files, common_bad_files
 from cnn_rnn_perception.core.engine import StageTimes
 from cnn_rnn_perception.ros.cameras import (
     CameraStats, LatestFrames, RateLimitedLog)
 from cnn_rnn_perception.ros.outputs import class_hypotheses, scene_record, stamp_now
 from cnn_rnn_perception.ros.parameters import (
-    choose_labels, model_config, needs_reload, PARAMETERS, validate, validate_startup)
+    choose_labels, model_config, needs_reload, PARAMETERS, policy_problem, validate,
+    validate_startup)
 import pytest
 from ros_harness import ROOT
 import yaml
@@ -206,3 +208,39 @@ def test_frames_arriving_with_none_classified_is_an_error_naming_the_cause():
     assert 'none classified for' in snap['message'] and 'model loading' in snap['message']
     stats.on_classified(5.0)
     assert stats.snapshot(silent_after_s=1.0)['level'] == 0
+
+
+def test_every_bad_file_a_parameter_names_is_refused_with_its_reason(tmp_path):
+    # Each of these once escaped the checks as IsADirectoryError, PermissionError, KeyError
+    # or AttributeError (and a FIFO blocked the callback): the node died or hung.
+    for name, (path, words) in bad_policy_files(tmp_path / 'policy').items():
+        reason = policy_problem(str(path), list(CURRENT['labels']))
+        assert reason and reason.startswith('navigation.policy_file') and words in reason, (
+            name, reason)
+    onnx_backend = {**CURRENT, 'backend': 'onnxruntime'}
+    for name, (path, words) in bad_model_files(tmp_path / 'models').items():
+        reason = validate({'model.checkpoint': str(path)}, onnx_backend)
+        assert reason and reason.startswith('model.checkpoint') and words in reason, (
+            name, reason)
+    for name, (path, words) in common_bad_files(tmp_path / 'weights').items():
+        reason = validate({'model.trunk_weights': str(path)}, CURRENT)
+        assert reason and words in reason, (name, reason)
+
+
+@pytest.mark.parametrize('topic,words', [
+    ('/front/1cam/image_raw', 'token must not start with a number'),
+    ('/front//image_raw', "must not contain repeated '/'"),
+    ('/front/image_raw/', 'must not end with a forward slash'),
+    ('/front camera/image_raw', 'must not contain characters other than'),
+    ('{robot}/image_raw', 'unknown substitution'),
+    ('', 'must not be empty'),
+])
+def test_topic_names_are_checked_by_rclpy_when_set(topic, words):
+    reason = validate({'image_topics': ['/ok/image_raw', topic]}, CURRENT)
+    assert reason.startswith(f'image_topics: {topic!r} is not a valid topic name') \
+        and words in reason, reason
+
+
+def test_relative_private_and_substituted_topic_names_are_accepted():
+    assert validate({'image_topics': ['camera/image_raw', '~/image', '/{node}/image',
+                                      '/rear/image_raw/compressed']}, CURRENT) is None

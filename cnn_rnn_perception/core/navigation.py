@@ -25,6 +25,7 @@ from pathlib import Path
 import threading
 from typing import Any, Sequence
 
+from cnn_rnn_perception.core.errors import ConfigurationError, readable_file
 import numpy as np
 
 UNKNOWN = 'unknown'
@@ -308,31 +309,32 @@ class ScenePolicy:
 
 def _entry(state: str, raw: Any, where: str) -> PolicyEntry:
     if not isinstance(raw, dict):
-        raise ValueError(f'{where}: {state!r} must map to a table of {", ".join(POLICY_OUTPUTS)}'
-                         f'; got {raw!r}')
-    unknown_keys = sorted(set(raw) - set(POLICY_OUTPUTS))
+        raise ConfigurationError(f'{where}: {state!r} must map to a table of '
+                                 f'{", ".join(POLICY_OUTPUTS)}; got {raw!r}')
+    unknown_keys = sorted(map(str, set(raw) - set(POLICY_OUTPUTS)))
     if unknown_keys:
-        raise ValueError(f'{where}: {state!r} has {", ".join(unknown_keys)}; the outputs are '
-                         f'{", ".join(POLICY_OUTPUTS)}')
+        raise ConfigurationError(f'{where}: {state!r} has {", ".join(unknown_keys)}; the '
+                                 f'outputs are {", ".join(POLICY_OUTPUTS)}')
     percentage = raw.get('percentage', True)
     if not isinstance(percentage, bool):
-        raise ValueError(f'{where}: {state}.percentage must be true or false; got {percentage!r}')
+        raise ConfigurationError(f'{where}: {state}.percentage must be true or false; got '
+                                 f'{percentage!r}')
     limit = raw.get('speed_limit')
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 \
                 or not math.isfinite(limit):
-            raise ValueError(f'{where}: {state}.speed_limit must be a number >= 0 (0 means no '
-                             f'limit); got {limit!r}')
+            raise ConfigurationError(f'{where}: {state}.speed_limit must be a number >= 0 (0 '
+                                     f'means no limit); got {limit!r}')
         if percentage and limit > 100:
-            raise ValueError(f'{where}: {state}.speed_limit is a percentage (0-100) unless '
-                             f'percentage is false; got {limit}')
+            raise ConfigurationError(f'{where}: {state}.speed_limit is a percentage (0-100) '
+                                     f'unless percentage is false; got {limit}')
         limit = float(limit)
     names = {}
     for key in ('controller', 'planner'):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise ValueError(f'{where}: {state}.{key} must be a plugin name (a non-empty '
-                             f'string); got {value!r}')
+            raise ConfigurationError(f'{where}: {state}.{key} must be a plugin name (a '
+                                     f'non-empty string); got {value!r}')
         names[key] = value
     return PolicyEntry(speed_limit=limit, percentage=percentage, **names)
 
@@ -352,31 +354,36 @@ def parse_policy(document: Any, labels: Sequence[str], where: str = 'policy') ->
     otherwise never apply); a label the policy leaves out asks for nothing.
     """
     if not isinstance(document, dict) or not isinstance(document.get('scenes'), dict):
-        raise ValueError(f'{where}: expected a mapping with a "scenes:" table of state: '
-                         '{speed_limit, percentage, controller, planner}')
-    extra = sorted(set(document) - {'scenes'})
+        raise ConfigurationError(f'{where}: expected a mapping with a "scenes:" table of '
+                                 'state: {speed_limit, percentage, controller, planner}')
+    extra = sorted(map(str, set(document) - {'scenes'}))
     if extra:
-        raise ValueError(f'{where}: unknown top-level keys {", ".join(map(str, extra))}; only '
-                         '"scenes" is read')
+        raise ConfigurationError(f'{where}: unknown top-level keys {", ".join(extra)}; '
+                                 'only "scenes" is read')
     states = set(labels) | {UNKNOWN, STALE}
     entries = {}
     for state, raw in document['scenes'].items():
         if state not in states:
-            raise ValueError(f'{where}: {state!r} is not a label of the model nor unknown/stale;'
-                             f' the labels are {", ".join(labels)}')
+            raise ConfigurationError(f'{where}: {state!r} is not a label of the model nor '
+                                     f'unknown/stale; the labels are {", ".join(labels)}')
         entries[str(state)] = _entry(str(state), raw, where)
     return ScenePolicy(entries, source=where)
 
 
 def load_policy(path: str | Path, labels: Sequence[str]) -> ScenePolicy:
-    """Read and check a policy file; errors name the file and what to fix."""
+    """Read and check a policy file; every error is a ConfigurationError naming the file."""
     import yaml
 
-    path = Path(path)
+    path = readable_file(path, 'policy file')
     try:
         document = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f'policy file {str(path)!r} not found') from None
     except yaml.YAMLError as error:
-        raise ValueError(f'policy file {str(path)!r} is not valid YAML: {error}') from None
+        raise ConfigurationError(f'policy file {str(path)!r} is not valid YAML: {error}'
+                                 ) from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f'policy file {str(path)!r} is not text: name a YAML file'
+                                 ) from None
+    except OSError as error:
+        raise ConfigurationError(f'policy file {str(path)!r}: cannot be read '
+                                 f'({error.strerror or error})') from None
     return parse_policy(document, labels, where=str(path))

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from cnn_rnn_perception.core.checkpoint import (
     CHECKPOINT_FORMAT, CheckpointInfo, inspect_checkpoint)
+from cnn_rnn_perception.core.errors import ConfigurationError, readable_file, reading
 from cnn_rnn_perception.core.model import CnnRnnClassifier
 from cnn_rnn_perception.core.model_config import ModelConfig, Preprocessing
 import numpy as np
@@ -93,13 +94,26 @@ def variant_path(path: str | os.PathLike, precision: str) -> Path:
 
 def read_exported(path: str | os.PathLike) -> CheckpointInfo:
     """Return the config, labels and preprocessing stored in an exported file."""
-    return checkpoint_info(read_export_metadata(path))
+    try:
+        return checkpoint_info(read_export_metadata(path))
+    except ConfigurationError as error:
+        message = str(error)
+        raise ConfigurationError(message if str(path) in message
+                                 else f'{str(path)!r}: {message}') from None
 
 
 def checkpoint_info(metadata: dict[str, Any]) -> CheckpointInfo:
     """Return the config, labels and preprocessing of an exported file's metadata."""
-    return CheckpointInfo(ModelConfig.from_dict(metadata['config']), list(metadata['labels']),
-                          Preprocessing(**metadata['preprocessing']))
+    try:
+        return CheckpointInfo(ModelConfig.from_dict(metadata['config']),
+                              [str(label) for label in metadata['labels']],
+                              Preprocessing(**metadata['preprocessing']))
+    except KeyError as error:
+        raise ConfigurationError(f'the exported metadata has no {error}: export the model '
+                                 'again with "cnn_rnn_perception export"') from None
+    except (AttributeError, TypeError) as error:
+        raise ConfigurationError(f'the exported metadata is malformed ({error}): export the '
+                                 'model again with "cnn_rnn_perception export"') from None
 
 
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -130,7 +144,14 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not text:
         raise ValueError(f'{str(path)!r} was not exported by cnn_rnn_perception: it carries no '
                          'labels or preprocessing (export it with "cnn_rnn_perception export")')
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise ConfigurationError(f'{str(path)!r}: its metadata is not JSON ({error}): export '
+                                 'the model again') from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f'{str(path)!r}: its metadata is a {type(data).__name__}, not '
+                                 'a JSON object: export the model again')
     if data.get('format') != EXPORT_FORMAT:
         raise ValueError(f'{str(path)!r}: unknown export format {data.get("format")!r}')
     data.setdefault('precision', 'fp32')  # written before reduced precision existed
@@ -264,4 +285,6 @@ def inspect_model_file(path: str | os.PathLike) -> CheckpointInfo:
     The one answer to "checkpoint or exported model?": an exported file is read from its
     metadata, anything else as a checkpoint's header.
     """
-    return read_exported(path) if is_exported(path) else inspect_checkpoint(path)
+    readable_file(path, 'model file')
+    with reading(path, 'model file'):
+        return read_exported(path) if is_exported(path) else inspect_checkpoint(path)
