@@ -89,6 +89,35 @@ def test_auto_keeps_the_fastest_backend_that_agrees_and_says_what_it_measured(ch
         engine.close()
 
 
+def test_auto_reuses_a_choice_for_the_same_file_and_settings_and_times_a_changed_one(
+        checkpoint, tmp_path):
+    # A node reloading a model it has measured builds the choice at once: no timing rounds,
+    # no candidate engines beside the one it keeps.
+    choices, timed = {}, []
+
+    def timing(task):
+        timed.append(task)
+        return task()
+    settings = EngineSettings(device='cpu', backend='auto', compile_trunk=False)
+    first, choice = choose_backend(checkpoint, settings, timing_on=timing, choices=choices)
+    first.close()
+    assert len(timed) == 1 and len(choices) == 1
+    again, reused = choose_backend(checkpoint, settings, timing_on=timing, choices=choices)
+    try:
+        assert len(timed) == 1, 'the same file and settings were timed again'
+        assert reused.reused and reused.chosen == choice.chosen
+        assert 'backend auto reused its choice of' in reused.summary()
+        assert again.backend_choice is reused
+    finally:
+        again.close()
+    copy = tmp_path / 'copy.pt'  # another file (a new export, say) is measured afresh
+    copy.write_bytes(Path(checkpoint).read_bytes())
+    choose_backend(str(copy), settings, timing_on=timing, choices=choices)[0].close()
+    choose_backend(checkpoint, replace(settings, auto_rate_hz=30.0), timing_on=timing,
+                   choices=choices)[0].close()
+    assert len(timed) == 3 and len(choices) == 3
+
+
 def test_what_a_backend_cannot_do_is_refused_with_the_reason(
         checkpoint, tmp_path, model, monkeypatch):
     onnx_path = tmp_path / 'model.onnx'

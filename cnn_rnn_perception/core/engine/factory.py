@@ -59,6 +59,7 @@ class BackendChoice:
     rate_hz: float = 0.0
     # A reduced-precision candidate's accuracy gate, as its file records it.
     acceptance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reused: bool = False  # taken from an earlier measurement of the same files and settings
 
     def summary(self) -> str:
         cadence = f'at {self.rate_hz:g} Hz' if self.rate_hz else 'back to back'
@@ -68,7 +69,8 @@ class BackendChoice:
         gate = self.acceptance.get(self.chosen)
         accepted = (f'; {self.chosen} passed its accuracy gate: {describe_acceptance(gate)}'
                     if gate else '')
-        return (f'backend auto chose {self.chosen}, the fastest {cadence} ({times}'
+        verb = 'reused its choice of' if self.reused else 'chose'
+        return (f'backend auto {verb} {self.chosen}, the fastest {cadence} ({times}'
                 f'{failed}){accepted}')
 
 
@@ -112,13 +114,15 @@ def _is_temporal(source: str | os.PathLike | None, config: ModelConfig | None) -
 
 def create_engine(source: str | os.PathLike | None, settings: EngineSettings, *,
                   config: ModelConfig | None = None, labels: Sequence[str] | None = None,
-                  seed: int = 0, on_worker: Callable[[Callable[[], Any]], Any] = _here
-                  ) -> EngineBase:
+                  seed: int = 0, on_worker: Callable[[Callable[[], Any]], Any] = _here,
+                  timing_on: Callable[[Callable[[], Any]], Any] | None = None,
+                  choices: dict[tuple, BackendChoice] | None = None) -> EngineBase:
     """
     Build the engine ``settings.backend`` names for a checkpoint, an exported file or a config.
 
     A torch checkpoint runs on onnxruntime or openvino through an ONNX export made here (kept
     beside the engine until it closes); an exported file runs only on those two.
+    ``timing_on`` and ``choices`` are ``choose_backend``'s, for ``auto``.
     """
     if settings.precision == 'bf16' and resolve_device(settings.device, quiet=True).type == \
             'cpu' and not cpu_has_bf16():
@@ -126,7 +130,7 @@ def create_engine(source: str | os.PathLike | None, settings: EngineSettings, *,
                      'than fp32, often several times: use precision fp32 or auto')
     if settings.backend == 'auto':
         return choose_backend(source, settings, config=config, labels=labels, seed=seed,
-                              on_worker=on_worker)[0]
+                              on_worker=on_worker, timing_on=timing_on, choices=choices)[0]
     if source and is_exported(source):
         return open_exported(source, settings)
     if settings.backend == 'torch':
@@ -189,7 +193,9 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
                    config: ModelConfig | None = None, labels: Sequence[str] | None = None,
                    seed: int = 0, frame_shape: tuple[int, int, int] = (480, 640, 3),
                    timed_frames: int = 8, rounds: int = 4,
-                   on_worker: Callable[[Callable[[], Any]], Any] = _here
+                   on_worker: Callable[[Callable[[], Any]], Any] = _here,
+                   timing_on: Callable[[Callable[[], Any]], Any] | None = None,
+                   choices: dict[tuple, BackendChoice] | None = None
                    ) -> tuple[EngineBase, BackendChoice]:
     """
     Build every installed backend, time it, check it; return the fastest that agrees.
@@ -203,10 +209,26 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
     captures: the node runs them in its inference worker's thread, between batches, so
     nothing classifies beside them (compiled torch measured 21 ms beside a running ONNX
     Runtime, 12 ms alone) and each backend is timed in the thread it will run in.
+    ``timing_on`` runs the rounds elsewhere: the node times them in the builder thread while
+    an engine serves, so a reload never stops inference (the interleaved rounds put that
+    engine's load on every candidate alike).
+
+    ``choices`` records each choice under ``choice_key``: the same files with the same
+    settings are not timed again, only the chosen candidate is built.
     """
-    frames = camera_frames(timed_frames, frame_shape[0], frame_shape[1], seed=7)
     choice = BackendChoice(chosen='', rate_hz=settings.auto_rate_hz)
     candidates = _candidates(source, config, settings, choice)
+    key = choice_key(source, config, settings) if choices is not None else None
+    earlier = choices.get(key) if key is not None else None
+    chosen_before = next((candidate for candidate in candidates
+                          if earlier is not None and candidate.name == earlier.chosen), None)
+    if chosen_before is not None:
+        engine = create_engine(chosen_before.source, chosen_before.settings, config=config,
+                               labels=labels, seed=seed, on_worker=on_worker)
+        engine.backend_choice = replace(earlier, reused=True)
+        _LOG.info(engine.backend_choice.summary())
+        return engine, engine.backend_choice
+    frames = camera_frames(timed_frames, frame_shape[0], frame_shape[1], seed=7)
     reference = None
     if not (source and is_exported(source)):
         with create_engine(source, replace(settings, backend='torch', precision='fp32',
@@ -257,7 +279,7 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
                         times[name].append(elapsed)
             return times
 
-        for name, samples in on_worker(time_rounds).items():
+        for name, samples in (timing_on or on_worker)(time_rounds).items():
             choice.ms_per_frame[name] = float(np.median(samples)) * 1e3
         tolerance = PARITY_FP32 if _torch_precision(settings) == 'fp32' else 3e-2
         agreeing = [name for name in engines
@@ -274,5 +296,26 @@ def choose_backend(source: str | os.PathLike | None, settings: EngineSettings, *
             engine.close()
     chosen = engines[choice.chosen]
     chosen.backend_choice = choice
+    if key is not None:
+        choices[key] = choice
     _LOG.info(choice.summary())
     return chosen, choice
+
+
+def choice_key(source: str | os.PathLike | None, config: ModelConfig | None,
+               settings: EngineSettings) -> tuple:
+    """
+    Return what ``auto``'s choice depends on, as a dictionary key.
+
+    The model files as they are on disk (path, size and modification time of the file and of
+    the reduced-precision files beside it: a re-export is timed again), the settings that
+    change timings, and the backends installed in this process.
+    """
+    if source:
+        files = [Path(source), *reduced_variants(source).values()]
+        model: Any = tuple((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+                           for path in files)
+    else:
+        model = repr(sorted(config.to_dict().items()))
+    return (model, settings.device, settings.precision, settings.compile_trunk,
+            settings.auto_rate_hz, tuple(installed_backends()))
