@@ -148,18 +148,8 @@ class Harness:
 
     def set_parameter(self, name: str, value: Any):
         """Set one parameter through the node's service; return the SetParametersResult."""
-        if isinstance(value, bool):
-            parameter_value = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=value)
-        elif isinstance(value, int):
-            parameter_value = ParameterValue(type=ParameterType.PARAMETER_INTEGER,
-                                             integer_value=value)
-        elif isinstance(value, float):
-            parameter_value = ParameterValue(type=ParameterType.PARAMETER_DOUBLE,
-                                             double_value=value)
-        else:
-            parameter_value = ParameterValue(type=ParameterType.PARAMETER_STRING,
-                                             string_value=value)
-        request = SetParameters.Request(parameters=[Parameter(name=name, value=parameter_value)])
+        request = SetParameters.Request(parameters=[Parameter(name=name,
+                                                              value=parameter_value(value))])
         return self._call(SetParameters, f'{self.node_fqn}/set_parameters', request).results[0]
 
     def get_parameter(self, name: str) -> Any:
@@ -170,7 +160,11 @@ class Harness:
         return {ParameterType.PARAMETER_STRING: value.string_value,
                 ParameterType.PARAMETER_BOOL: value.bool_value,
                 ParameterType.PARAMETER_INTEGER: value.integer_value,
-                ParameterType.PARAMETER_DOUBLE: value.double_value}.get(value.type)
+                ParameterType.PARAMETER_DOUBLE: value.double_value,
+                ParameterType.PARAMETER_STRING_ARRAY: list(value.string_array_value),
+                ParameterType.PARAMETER_INTEGER_ARRAY: list(value.integer_array_value),
+                ParameterType.PARAMETER_DOUBLE_ARRAY: list(value.double_array_value),
+                }.get(value.type)
 
     def timed_get_state(self, timeout_s: float = 10.0) -> tuple[str, float]:
         """Ask get_state on a long-lived client; return (state, seconds to the answer)."""
@@ -188,6 +182,55 @@ class Harness:
         request = ChangeState.Request()
         request.transition.id = transition_id
         return self._call(ChangeState, f'{self.node_fqn}/change_state', request).success
+
+
+class Streamer:
+    """A camera publishing at ``rate_hz`` in a thread, and a prober timing get_state."""
+
+    def __init__(self, harness, camera, rate_hz: float = 20.0) -> None:
+        self.harness, self.camera, self.period = harness, camera, 1.0 / rate_hz
+        self.stop = threading.Event()
+        self.state_seconds: list[float] = []
+        self.threads = [threading.Thread(target=self._stream),
+                        threading.Thread(target=self._probe)]
+        for thread in self.threads:
+            thread.start()
+
+    def _stream(self) -> None:
+        frame = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+        index = 0
+        while not self.stop.wait(self.period):
+            index += 1
+            self.camera.publish(image_message(frame, 'rgb8', 1000 + index * self.period, 'cam'))
+
+    def _probe(self) -> None:
+        while not self.stop.wait(0.1):
+            self.state_seconds.append(self.harness.timed_get_state()[1])
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def parameter_value(value: Any) -> ParameterValue:
+    """Return ``value`` as the ParameterValue of its type (lists by their first item)."""
+    if isinstance(value, bool):
+        return ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=value)
+    if isinstance(value, int):
+        return ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
+    if isinstance(value, float):
+        return ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
+    if isinstance(value, list) and value and isinstance(value[0], int):
+        return ParameterValue(type=ParameterType.PARAMETER_INTEGER_ARRAY,
+                              integer_array_value=value)
+    if isinstance(value, list) and value and isinstance(value[0], float):
+        return ParameterValue(type=ParameterType.PARAMETER_DOUBLE_ARRAY,
+                              double_array_value=value)
+    if isinstance(value, list):
+        return ParameterValue(type=ParameterType.PARAMETER_STRING_ARRAY,
+                              string_array_value=value)
+    return ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
 
 
 def image_message(pixels: np.ndarray, encoding: str, stamp_s: float, frame_id: str,

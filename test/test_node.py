@@ -11,7 +11,7 @@ from lifecycle_msgs.msg import Transition
 import numpy as np
 import pytest
 from ros_harness import (
-    Harness, image_message, jpeg_message, NodeProcess, ROOT, SMALL_MODEL, wait_for)
+    Harness, image_message, jpeg_message, NodeProcess, ROOT, SMALL_MODEL, Streamer, wait_for)
 import torch
 
 pytestmark = pytest.mark.slow
@@ -282,6 +282,11 @@ def test_started_as_the_launch_file_starts_it(tmp_path, harness):
      "model.checkpoint '/nonexistent/scene_model.pt': file not found"),
     # Start-up values pass the same validation as live ones: this was silently best effort.
     ('qos.reliability:=Reliable', 'qos.reliability must be one of best_effort, reliable'),
+    # These two once failed in silence (the log held nothing, diagnostics said OK) or crashed
+    # the node after configure.
+    ('navigation.policy_file:=/tmp', "policy file '/tmp' is a directory"),
+    ("image_topics:=['/front/1cam/image_raw']",
+     "'/front/1cam/image_raw' is not a valid topic name: topic name token must not start"),
 ])
 def test_a_bad_start_up_value_fails_configure_with_one_line_and_an_error(
         tmp_path, harness, setting, reason):
@@ -318,35 +323,6 @@ def tiny_checkpoint(path, prefix: str, seed: int) -> str:
         model = CnnRnnClassifier(TINY)
     save_checkpoint(path, model, labels=[f'{prefix}_{index}' for index in range(3)])
     return str(path)
-
-
-class Streamer:
-    """A camera publishing at ``rate_hz`` in a thread, and a prober timing get_state."""
-
-    def __init__(self, harness, camera, rate_hz: float = 20.0) -> None:
-        self.harness, self.camera, self.period = harness, camera, 1.0 / rate_hz
-        self.stop = threading.Event()
-        self.state_seconds: list[float] = []
-        self.threads = [threading.Thread(target=self._stream),
-                        threading.Thread(target=self._probe)]
-        for thread in self.threads:
-            thread.start()
-
-    def _stream(self) -> None:
-        frame = pixels()
-        index = 0
-        while not self.stop.wait(self.period):
-            index += 1
-            self.camera.publish(image_message(frame, 'rgb8', 1000 + index * self.period, 'cam'))
-
-    def _probe(self) -> None:
-        while not self.stop.wait(0.1):
-            self.state_seconds.append(self.harness.timed_get_state()[1])
-
-    def close(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
 
 
 def labels_seen(harness, since: int = 0) -> set:

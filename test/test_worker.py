@@ -5,7 +5,7 @@ import time
 
 from cnn_rnn_perception.core.engine import EngineSettings, TorchEngine
 from cnn_rnn_perception.core.model_config import ModelConfig
-from cnn_rnn_perception.ros.cameras import LatestFrames
+from cnn_rnn_perception.ros.cameras import CameraRoster, LatestFrames
 from cnn_rnn_perception.ros.engine_slot import EngineSlot, LoadedModel
 from cnn_rnn_perception.ros.worker import InferenceWorker, run_supervised, stuck_after_s
 import numpy as np
@@ -123,15 +123,18 @@ def test_a_dead_thread_is_restarted_and_a_stopped_worker_is_not():
     assert not worker.supervise() and worker.restarts == 1
 
 
-def test_an_abandoned_worker_never_comes_back_beside_a_new_one():
+def test_an_abandoned_worker_never_comes_back_nor_publishes_its_stuck_batch():
     slot, frames = serving_slot(), LatestFrames()
     release, entered, batches = threading.Event(), threading.Event(), []
+    published, refused = [], []
 
     def classify(slots, handled):
         batches.append(threading.current_thread())
         if len(batches) == 1:
             entered.set()
             release.wait(30)  # a batch stuck past the join
+        with worker.publishing() as allowed:
+            (published if allowed else refused).append(threading.current_thread())
         handled.update(slots)
     worker = InferenceWorker(frames, slot, classify, lambda topic, reason: None,
                              join_timeout_s=0.2)
@@ -148,7 +151,41 @@ def test_an_abandoned_worker_never_comes_back_beside_a_new_one():
     worker.stop()
     assert len(set(batches[1:])) == 1 and batches[0] not in batches[1:]
     assert not batches[0].is_alive()
+    assert refused == [batches[0]], 'the abandoned batch was published'
+    assert published and batches[0] not in published
 
 
 def test_a_batch_counts_as_stuck_after_at_least_ten_seconds():
     assert stuck_after_s(1.0) == 10.0 and stuck_after_s(5.0) == 15.0
+
+
+def test_a_removed_camera_keeps_its_counters_until_the_worker_retires_it():
+    frames = LatestFrames()
+    roster = CameraRoster(frames)
+    roster.set_topics(['/a', '/b'])
+    for topic, count in (('/a', 3), ('/b', 4)):
+        for _ in range(count):
+            roster.get(topic).on_received()
+    roster.get('/b').on_classified(5.0)
+    frames.put('/b', 'the frame still waiting')
+    batch_stats = roster.get('/b')  # a batch under way holds /b
+    roster.set_topics(['/a'])  # image_topics changed under it
+    assert roster.get('/b') is batch_stats and roster.retiring
+    batch_stats.on_classified(5.0)  # the batch publishes: nothing is missing
+    roster.on_rejected('/b', 'bad encoding')
+    (final,) = roster.retire()  # between batches
+    assert roster.get('/b') is None and not roster.retiring
+    # The frame it still had waiting was never classified: a stale drop. All 4 accounted.
+    assert final['topic'] == '/b' and final['received'] == 4
+    assert (final['classified'], final['rejected'], final['dropped_stale']) == (2, 1, 1)
+    assert frames.drain() == {}
+    roster.set_topics(['/a', '/c'])
+    roster.get('/c').on_received()
+    frames.put('/c', 'waiting')
+    roster.set_topics(['/a', '/b'])
+    roster.set_topics(['/a', '/c'])  # back before the worker came round: /c is kept
+    assert not [s for s in roster.retire() if s['topic'] == '/c']
+    roster.set_topics(['/a'])
+    (final,) = roster.retire()
+    assert final['topic'] == '/c' and final['received'] == final['dropped_stale'] == 1
+    assert roster.get('/b') is None  # /b was added and removed between two retirements

@@ -164,6 +164,11 @@ class LatestFrames:
             slots, self._slots = self._slots, {}
         return slots
 
+    def discard(self, key: Hashable) -> bool:
+        """Drop one camera's pending frame; return True when there was one."""
+        with self._condition:
+            return self._slots.pop(key, None) is not None
+
     def drain(self) -> dict[Hashable, Any]:
         """Return and clear what is pending; waiting goes on as before."""
         with self._condition:
@@ -181,3 +186,65 @@ class LatestFrames:
     def reopen(self) -> None:
         with self._condition:
             self._closed = False
+
+
+class CameraRoster:
+    """
+    The counters of the node's cameras, by topic; every frame received is counted in one.
+
+    ``set_topics`` adds new cameras at once but only marks removed ones: ``retire`` forgets
+    them, and the node calls it from the inference worker between batches, so a batch never
+    finds the counters of a camera it holds gone. A frame a retired camera still had waiting
+    was never classified, and is counted as a stale drop first.
+    """
+
+    def __init__(self, frames: LatestFrames) -> None:
+        self._frames = frames
+        self._lock = threading.Lock()
+        self._stats: dict[str, CameraStats] = {}
+        self._retiring: set[str] = set()
+
+    def get(self, topic: str) -> CameraStats | None:
+        """Return a camera's counters, or None for a topic that is not (or no longer) one."""
+        return self._stats.get(topic)
+
+    def items(self) -> list[tuple[str, CameraStats]]:
+        with self._lock:
+            return list(self._stats.items())
+
+    @property
+    def retiring(self) -> bool:
+        """Return whether cameras wait to be retired."""
+        return bool(self._retiring)
+
+    def set_topics(self, topics: list[str]) -> None:
+        """Count ``topics`` from now on; the others wait for ``retire``."""
+        with self._lock:
+            for topic in topics:
+                self._stats.setdefault(topic, CameraStats(topic))
+            self._retiring = set(self._stats) - set(topics)
+
+    def retire(self) -> list[dict[str, Any]]:
+        """Forget the cameras removed from the topics; return their final counts."""
+        with self._lock:
+            retired = [self._stats.pop(topic) for topic in sorted(self._retiring)]
+            self._retiring = set()
+        for stats in retired:
+            if self._frames.discard(stats.topic):
+                stats.on_dropped_stale()
+        return [stats.snapshot(silent_after_s=1.0) for stats in retired]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._stats.clear()
+            self._retiring = set()
+
+    def on_dropped_stale(self, topic: str) -> None:
+        stats = self._stats.get(topic)
+        if stats is not None:  # a worker given up on may still hold a camera retired since
+            stats.on_dropped_stale()
+
+    def on_rejected(self, topic: str, reason: str) -> None:
+        stats = self._stats.get(topic)
+        if stats is not None:
+            stats.on_rejected(reason)

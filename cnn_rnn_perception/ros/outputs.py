@@ -115,11 +115,13 @@ def diagnostic_status(name: str, level: int, message: str, hardware_id: str,
 
 
 def robot_scene_record(scene: FusedScene, best: list[tuple[str, float]], decision: str,
-                       reason: str, since_s: float | None) -> dict[str, Any]:
+                       reason: str, since_s: float | None, frame_id: str = '') -> dict[str, Any]:
     """Return the JSON object ``~/robot_scene`` publishes: the fused scene and the decision."""
-    sec = int(scene.stamp_s)
+    # Rounded once, as nanoseconds: 0.9999999999 s is {1, 0}, never {0, 1000000000 % 1e9}.
+    sec, nanosec = divmod(int(round(scene.stamp_s * 1e9)), 1_000_000_000)
     return {
-        'stamp': {'sec': sec, 'nanosec': int(round((scene.stamp_s - sec) * 1e9)) % 1_000_000_000},
+        'stamp': {'sec': sec, 'nanosec': nanosec},
+        'frame_id': frame_id,
         'label': best[0][0] if best else None,
         'score': best[0][1] if best else None,
         'top_k': [{'label': label, 'score': score} for label, score in best],

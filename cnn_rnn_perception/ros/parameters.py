@@ -17,13 +17,18 @@ from cnn_rnn_perception.core.checkpoint import default_labels
 from cnn_rnn_perception.core.engine import (
     BACKENDS, create_engine, EngineSettings, inspect_model_file, is_exported,
     parse_device_name, PRECISIONS, resolve_device)
+from cnn_rnn_perception.core.errors import ConfigurationError, readable_file
 from cnn_rnn_perception.core.model_config import ModelConfig, user_settings
 from cnn_rnn_perception.core.navigation import (
     decision_fields, DecisionSettings, load_policy, RobotDecision)
 from cnn_rnn_perception.core.sample_frames import NAVIGATION_LABELS
 from cnn_rnn_perception.ros.engine_slot import LoadedModel
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import InvalidTopicNameException
+from rclpy.expand_topic_name import expand_topic_name
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.validate_full_topic_name import validate_full_topic_name
+from rclpy.validate_topic_name import validate_topic_name
 
 _LOG = logging.getLogger(__name__)
 
@@ -98,6 +103,9 @@ _NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec('navigation.republish_s', 1.0, 'The speed limit is sent again this often '
                   '(it is also sent at once on every decided change).', live=True, minimum=0.1,
                   maximum=60.0),
+    ParameterSpec('navigation.frame_id', 'base_link', 'frame_id of ~/robot_classification '
+                  "and ~/robot_scene: the robot's frame, since the fused scene is no one "
+                  "camera's.", live=True),
     ParameterSpec('navigation.speed_limit_topic', 'speed_limit', 'nav2_msgs/SpeedLimit out, as '
                   "Nav2 controller_server's speed_limit_topic.", read_only=True),
     ParameterSpec('navigation.controller_selector_topic', 'controller_selector',
@@ -149,8 +157,12 @@ def _check_value(spec: ParameterSpec, value: Any) -> str | None:
     if spec.minimum is not None and not spec.minimum <= value <= spec.maximum:
         return f'{spec.name} must be in [{spec.minimum}, {spec.maximum}]; got {value}'
     if spec.name == 'image_topics':
-        if not value or any(not topic or ' ' in topic for topic in value):
-            return f'image_topics must be a non-empty list of topic names; got {list(value)}'
+        if not value:
+            return 'image_topics must be a non-empty list of topic names; got []'
+        for topic in value:
+            problem = topic_name_problem(topic)
+            if problem:
+                return f'image_topics: {topic!r} is not a valid topic name: {problem}'
         if len(set(value)) != len(value):
             return f'image_topics has duplicates: {list(value)}'
     if spec.name == 'labels' and (not value or len(set(value)) != len(value)):
@@ -164,13 +176,32 @@ def _check_value(spec: ParameterSpec, value: Any) -> str | None:
             resolve_device(value, quiet=True)
         except ValueError as error:
             return str(error)
-    if spec.name == 'model.checkpoint' and value:
-        try:
+    try:
+        if spec.name == 'model.checkpoint' and value:
+            readable_file(value, 'model.checkpoint')
             inspect_model_file(value)
-        except FileNotFoundError:
-            return f'model.checkpoint {value!r}: file not found'
-        except (ValueError, RuntimeError) as error:
-            return f'model.checkpoint: {error}'
+        if spec.name == 'model.trunk_weights' and value:
+            readable_file(value, 'model.trunk_weights')
+    except ConfigurationError as error:
+        reason = str(error)
+        return reason if reason.startswith(spec.name) else f'{spec.name}: {reason}'
+    return None
+
+
+def topic_name_problem(topic: str) -> str | None:
+    """
+    Return why rclpy would refuse ``topic`` as a subscription's name, or None.
+
+    rclpy's own checks, before and after expansion (``~`` and ``{node}`` expand against any
+    valid node name alike), so a name is refused when it is set, not when it is subscribed.
+    """
+    try:
+        validate_topic_name(topic)
+        validate_full_topic_name(expand_topic_name(topic, 'node', '/'))
+    except (InvalidTopicNameException, ValueError) as error:
+        # The first line says what; rcl appends its source location, and the rest is a caret.
+        first = str(error).splitlines()[0].split(', at /')[0]
+        return first.removeprefix('Invalid topic name: ').rstrip(':')
     return None
 
 
@@ -212,7 +243,7 @@ def policy_problem(path: str, labels: list[str]) -> str | None:
         return None
     try:
         load_policy(path, labels)
-    except ValueError as error:
+    except ConfigurationError as error:
         return f'navigation.policy_file: {error}'
     return None
 
@@ -336,14 +367,17 @@ def subscription_qos(values: dict[str, Any]) -> QoSProfile:
     return QoSProfile(depth=int(values['qos.depth']), reliability=reliability)
 
 
-def build_model(values: dict[str, Any], compiled: bool,
-                on_worker: Any = None) -> LoadedModel:
+def build_model(values: dict[str, Any], compiled: bool, on_worker: Any = None, *,
+                choices: dict | None = None, beside_running: bool = False) -> LoadedModel:
     """
     Build and warm up the engine the parameters describe (in the EngineSlot's builder).
 
-    ``on_worker`` runs a task in the inference worker's thread between batches: backend auto
-    times the backends, and a GPU engine captures its CUDA graphs, where they will run, with
-    nothing else on the device meanwhile (a capture beside a running batch fails or is wrong).
+    ``on_worker`` runs a task in the inference worker's thread between batches: a GPU engine
+    captures its CUDA graphs there, where they will run, with nothing else on the device
+    meanwhile (a capture beside a running batch fails or is wrong). Backend auto times its
+    candidates there too, unless an engine is serving (``beside_running``): then it times them
+    here, so that engine never stops classifying, and ``choices`` (kept by the node) spares
+    the timing for files and settings already measured.
     """
     cameras = len(values['image_topics'])
     settings = engine_settings(values, cameras, compiled=compiled)
@@ -354,7 +388,8 @@ def build_model(values: dict[str, Any], compiled: bool,
                      'with RANDOM weights; classifications mean nothing until model.checkpoint '
                      'names a trained checkpoint')
     engine = create_engine(checkpoint, settings, config=config, labels=values['labels'],
-                           on_worker=on_worker)
+                           on_worker=on_worker, choices=choices,
+                           timing_on=(lambda task: task()) if beside_running else None)
     labels = choose_labels(engine.labels, values['labels'])
     try:
         # Every batch the worker can form (one frame per camera at most) is compiled here,

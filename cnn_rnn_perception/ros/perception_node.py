@@ -20,26 +20,25 @@ a steady-clock timer finds staleness. Messages and statuses are built in ``ros.o
 from __future__ import annotations
 
 import functools
-import json
 import queue
 import threading
 import time
+import traceback
 from typing import Any, Callable
 
-from cnn_rnn_perception.core.image_conversion import (
-    annotated_bgr, ImageRejected, message_to_frame)
-from cnn_rnn_perception.core.postprocess import ProbabilitySmoother, top_k
-from cnn_rnn_perception.ros.cameras import CameraStats, LatestFrames, RateLimitedLog
+from cnn_rnn_perception.core.image_conversion import ImageRejected, message_to_frame
+from cnn_rnn_perception.core.postprocess import ProbabilitySmoother
+from cnn_rnn_perception.ros.cameras import CameraRoster, LatestFrames, RateLimitedLog
 from cnn_rnn_perception.ros.engine_slot import EngineSlot, LoadedModel
 from cnn_rnn_perception.ros.navigation_link import NavigationLink
 from cnn_rnn_perception.ros.outputs import (
-    camera_statuses, classification_message, debug_image_message, debug_lines, decision_status,
-    engine_values, label_info_message, NAV2_MSGS, node_problem, Problem, robot_scene_record,
-    scene_record, stalled_after_s, stamp_now, stamp_seconds, VISION_MSGS)
+    camera_statuses, decision_status, engine_values, label_info_message, NAV2_MSGS,
+    node_problem, Problem, stalled_after_s, stamp_now, stamp_seconds, VISION_MSGS)
 from cnn_rnn_perception.ros.parameters import (
     build_model, compiles, descriptor, labels_for, needs_reload, PARAMETERS, plain,
     policy_problem, RELOAD_HINT, SPECS, validate, validate_startup)
 from cnn_rnn_perception.ros.publishers import create_outputs, destroy_outputs
+from cnn_rnn_perception.ros.results import ResultPublisher
 from cnn_rnn_perception.ros.runtime import forward_core_logs, ignore_stop_signals, stop_on_signals
 from cnn_rnn_perception.ros.subscriptions import CameraSubscriptions
 from cnn_rnn_perception.ros.worker import InferenceWorker, stuck_after_s
@@ -53,7 +52,6 @@ from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
-from std_msgs.msg import Header, String
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
@@ -88,19 +86,20 @@ class PerceptionNode(LifecycleNode):
         # parameter set back while its build runs differs from these, not from what runs.
         self._target: dict[str, Any] = {}
         self._labels: list[str] = []
-        self._stats: dict[str, CameraStats] = {}
         self._frames = LatestFrames()
-        self._cameras = CameraSubscriptions(self, self._frames, self._stats.get)
+        self._roster = CameraRoster(self._frames)
+        self._cameras = CameraSubscriptions(self, self._frames, self._roster.get)
         self._smoother = ProbabilitySmoother()
         self._navigation = NavigationLink(stamp=self._stamp)
-        self._debug_image_at = 0.0
-        self._debug_turn = 0
+        self._results = ResultPublisher(self._roster, self._smoother, self._navigation)
         self._live_lock = threading.Lock()
         self._live_changes: dict[str, Any] = {}
         self._rejection_log = RateLimitedLog(period_s=5.0)
         self._problem: Problem | None = None  # what went wrong last, for /diagnostics
-        self._slot = EngineSlot(lambda values, compiled: build_model(
-            values, compiled, on_worker=self._slot.on_worker), on_ready=self._on_model_ready,
+        # Backend auto's measurements by model file and settings: a reload of files already
+        # measured builds the choice without timing every candidate again.
+        self._backend_choices: dict[tuple, Any] = {}
+        self._slot = EngineSlot(self._build_model, on_ready=self._on_model_ready,
                                 on_failed=self._on_model_failed)
         self._worker = InferenceWorker(
             self._frames, self._slot, self._classify, self._reject,
@@ -134,7 +133,16 @@ class PerceptionNode(LifecycleNode):
                 callback = self._pending.get_nowait()
             except queue.Empty:
                 return
-            callback()
+            try:
+                callback()
+            except Exception as error:  # noqa: B902 - the executor thread must not die of it
+                self._report_error(f'{getattr(callback, "__name__", "work")} failed', error)
+
+    def _report_error(self, what: str, error: BaseException) -> None:
+        """Say an unexpected error at ERROR, with its traceback, and in /diagnostics."""
+        self._problem = (2, f'{what}: {type(error).__name__}: {error}')
+        self.get_logger().error(f'{what}: {type(error).__name__}: {error}\n'
+                                + ''.join(traceback.format_exception(error)))
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -142,6 +150,16 @@ class PerceptionNode(LifecycleNode):
         return {spec.name: plain(self.get_parameter(spec.name).value) for spec in PARAMETERS}
 
     def _on_set_parameters(self, parameters: list) -> SetParametersResult:
+        try:
+            return self._check_parameters(parameters)
+        except Exception as error:  # noqa: B902 - a check that raised must not kill the node
+            self.get_logger().error(f'a parameter check raised {type(error).__name__}: '
+                                    f'{error}; the set is refused\n'
+                                    + ''.join(traceback.format_exception(error)))
+            return SetParametersResult(successful=False, reason=(
+                f'could not be checked ({type(error).__name__}: {error}); nothing changed'))
+
+    def _check_parameters(self, parameters: list) -> SetParametersResult:
         changes = {p.name: plain(p.value) for p in parameters if p.name in SPECS}
         reason = validate(changes, self._parameter_values())
         if not reason and changes.get('navigation.policy_file') and self._state != 'unconfigured':
@@ -150,6 +168,8 @@ class PerceptionNode(LifecycleNode):
             return SetParametersResult(successful=False, reason=reason)
         if any(name.startswith('navigation.') or name == 'score_threshold' for name in changes):
             self._post(self._configure_navigation)
+        if 'score_threshold' in changes:  # LabelInfo carries it, for late subscribers too
+            self._post(self._publish_label_info)
         reload = needs_reload(changes, self._target) if self._target else []
         if reload and self._state in ('inactive', 'active'):
             self.get_logger().info(f'{", ".join(reload)} changed: {RELOAD_HINT}')
@@ -181,20 +201,33 @@ class PerceptionNode(LifecycleNode):
         with self._live_lock:  # the worker merges live changes into the same dict
             self._values = {**self._values, **values}
         self._labels = labels_for(self._values)
-        for topic in self._values['image_topics']:
-            self._stats.setdefault(topic, CameraStats(topic))
+        self._roster.set_topics(self._values['image_topics'])
         if self._state == 'active':
             self._cameras.subscribe(self._values)
-        for topic in set(self._stats) - set(self._values['image_topics']):
-            del self._stats[topic]
-            self._navigation.robot.fusion.forget(topic)
+        if not self._worker.running:  # else the worker retires them, between batches
+            self._retire_cameras()
         self._publish_label_info()
         self._configure_navigation()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def _retire_cameras(self) -> None:
+        for final in self._roster.retire():
+            self._navigation.robot.fusion.forget(final['topic'])
+            self.get_logger().info(
+                f'{final["topic"]}: no longer a camera; of its {final["received"]} frames '
+                f'{final["classified"]} were classified, {final["dropped_stale"]} dropped as '
+                f'stale, {final["rejected"]} rejected')
+
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         """Validate every parameter and read the checkpoint's header; no model loads yet."""
+        try:
+            return self._configure()
+        except Exception as error:  # noqa: B902 - the transition fails, saying why
+            self._report_error('configure failed', error)
+            return FAILURE
+
+    def _configure(self) -> TransitionCallbackReturn:
         values = self._parameter_values()
         reason = validate_startup(values) or policy_problem(
             values['navigation.policy_file'], labels_for(values))
@@ -204,7 +237,7 @@ class PerceptionNode(LifecycleNode):
             return FAILURE
         self._problem = None
         self._values = {}
-        self._stats.clear()
+        self._roster.clear()
         self._smoother.configure(values['smoothing'], values['smoothing_reset_s'])
         self._smoother.reset()
         self._outputs = create_outputs(self, values)
@@ -217,6 +250,15 @@ class PerceptionNode(LifecycleNode):
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         """Start building the engine and the worker; cameras are subscribed once it serves."""
+        try:
+            return self._activate(state)
+        except Exception as error:  # noqa: B902 - the transition fails, saying why
+            self._stop_inference()
+            self._state = 'inactive'
+            self._report_error('activate failed', error)
+            return FAILURE
+
+    def _activate(self, state: State) -> TransitionCallbackReturn:
         # Subscribing only when an engine is in service means a camera's first frames are
         # classified, not overwritten while the model loads. The parameters as they are now:
         # a reload whose build a deactivate abandoned is built here.
@@ -243,7 +285,7 @@ class PerceptionNode(LifecycleNode):
         self._stop_inference()
         destroy_outputs(self, self._outputs)
         self._outputs = {}
-        self._stats.clear()
+        self._roster.clear()
         self._values = {}
         self._target = {}
         self._state = 'unconfigured'
@@ -280,6 +322,12 @@ class PerceptionNode(LifecycleNode):
         super().destroy_node()
 
     # -- engines: built off the executor, adopted on it --------------------------------------
+
+    def _build_model(self, values: dict[str, Any], compiled: bool) -> LoadedModel:
+        """Build for the slot; backend auto times its candidates beside a serving engine."""
+        return build_model(values, compiled, on_worker=self._slot.on_worker,
+                           choices=self._backend_choices,
+                           beside_running=self._slot.current is not None)
 
     def _on_model_ready(self, model: LoadedModel) -> None:
         self._post(functools.partial(self._adopt_model, model))
@@ -330,6 +378,9 @@ class PerceptionNode(LifecycleNode):
         return 1.0 / rate if rate > 0 else 0.0
 
     def _apply_live_changes(self) -> None:
+        """Between the worker's batches: take the live values, retire removed cameras."""
+        if self._roster.retiring:
+            self._retire_cameras()
         with self._live_lock:
             changes, self._live_changes = self._live_changes, {}
             if changes:
@@ -353,7 +404,7 @@ class PerceptionNode(LifecycleNode):
         with self._slot.borrow() as model:
             if model is None:  # released between the check and here (a deactivate)
                 for topic, *_ in batch:
-                    self._stats[topic].on_dropped_stale()
+                    self._roster.on_dropped_stale(topic)
                     handled.add(topic)
                 return
             try:
@@ -370,71 +421,24 @@ class PerceptionNode(LifecycleNode):
                     handled.add(topic)
                 return
             labels = model.labels
-        estimates = []
-        debug_turn = self._debug_turn % len(batch)
-        for position, ((topic, msg, received_at, frame, order), result) in enumerate(
-                zip(batch, results)):
-            estimate, best, node_ms = self._publish_result(topic, msg.header, received_at,
-                                                           result, labels)
-            handled.add(topic)
-            estimates.append((topic, stamp_seconds(msg.header.stamp), estimate))
-            if position == debug_turn:
-                self._maybe_debug_image(topic, msg.header, frame, order, best, node_ms)
-        self._publish_robot_scene(estimates, labels)
+        with self._worker.publishing() as allowed:
+            if not allowed:  # a worker given up on while this batch was stuck
+                for topic, *_ in batch:
+                    self._roster.on_dropped_stale(topic)
+                    handled.add(topic)
+                return
+            self._results.publish(self._outputs, self._values, batch, results, labels, handled)
 
     def _reject(self, topic: str, reason: str) -> None:
-        self._stats[topic].on_rejected(reason)
+        self._roster.on_rejected(topic, reason)
         # A new reason is logged at once; a camera repeating one is logged every 5 s.
         if self._rejection_log.should_log(topic, reason):
             self.get_logger().warning(f'{topic}: frame rejected: {reason}')
-
-    def _publish_result(self, topic: str, header: Any, received_at: float, result: Any,
-                        labels: list[str]) -> tuple[Any, list[tuple[str, float]], float]:
-        estimate, best = self._smoother.rank(topic, stamp_seconds(header.stamp),
-                                             result.probabilities, int(self._values['top_k']),
-                                             labels, float(self._values['score_threshold']))
-        node_ms = (time.monotonic() - received_at) * 1e3
-        scene = scene_record(topic, (header.stamp.sec, header.stamp.nanosec), header.frame_id,
-                             best, result.times, node_ms)
-        self._outputs['scene'].publish(String(data=json.dumps(scene)))
-        if VISION_MSGS:
-            self._outputs['classification'].publish(
-                classification_message(header, best, labels))
-        self._stats[topic].on_classified(node_ms)
-        return estimate, best, node_ms
-
-    def _publish_robot_scene(self, estimates: list, labels: list[str]) -> None:
-        """Decide on a batch's cameras (the link sends Nav2 what changed); publish the scene."""
-        label, reason, since_s, scene = self._navigation.decide(estimates, labels)
-        if scene is None:
-            return
-        best = top_k(scene.probabilities, int(self._values['top_k']), labels,
-                     float(self._values['score_threshold']))
-        record = robot_scene_record(scene, best, label, reason, since_s)
-        self._outputs['robot_scene'].publish(String(data=json.dumps(record)))
-        if VISION_MSGS:
-            header = Header(stamp=Time(seconds=scene.stamp_s).to_msg())
-            self._outputs['robot_classification'].publish(
-                classification_message(header, best, labels))
 
     def _configure_navigation(self) -> None:
         problem = self._navigation.configure(self._parameter_values(), self._labels)
         if problem:
             self._problem = (1, problem)
-
-    def _maybe_debug_image(self, topic: str, header: Any, frame: Any, order: str,
-                           best: list[tuple[str, float]], node_ms: float) -> None:
-        """Draw a camera's frame (each in turn) while someone watches, at most at the set rate."""
-        publisher = self._outputs['debug_image']
-        now = time.monotonic()
-        if (publisher.get_subscription_count() == 0
-                or now - self._debug_image_at < 1.0 / self._values['debug_image.max_rate_hz']):
-            return
-        self._debug_turn += 1
-        self._debug_image_at = now
-        label = self._navigation.robot.decision.label
-        picture = annotated_bgr(frame, order, debug_lines(topic, best, label, node_ms))
-        publisher.publish(debug_image_message(picture, header))
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -444,8 +448,10 @@ class PerceptionNode(LifecycleNode):
 
     def _publish_label_info(self) -> None:
         if VISION_MSGS and self._state == 'active':
+            # The parameter, not the worker's copy: a live change is published before the
+            # worker's next batch takes it.
             self._outputs['label_info'].publish(label_info_message(
-                self._labels, self._values['score_threshold'], self._stamp()))
+                self._labels, self.get_parameter('score_threshold').value, self._stamp()))
 
     def _publish_diagnostics(self) -> None:
         self._worker.supervise()
@@ -461,7 +467,7 @@ class PerceptionNode(LifecycleNode):
         stalled_after = stalled_after_s(silent_after, self.get_parameter('max_rate_hz').value)
         snapshots = {topic: stats.snapshot(silent_after, stalled_after,
                                            cause=problem[1] if problem else '')
-                     for topic, stats in list(self._stats.items())}
+                     for topic, stats in self._roster.items()}
         name = self.get_fully_qualified_name()
         hardware_id = str(model.engine.device) if model is not None else ''
         array = DiagnosticArray()

@@ -7,17 +7,19 @@ tasks between batches (backend ``auto``'s timing rounds and CUDA graph captures 
 batches run). Nothing a batch raises stops it or loses a frame (``run_supervised``); a thread
 that died anyway is restarted by ``supervise``; ``stop`` gives a stuck batch 5 s and then
 abandons it. Each thread owns its stop event, so a thread given up on can never be woken
-back into a second worker by a later ``start``.
+back into a second worker by a later ``start``, and ``publishing`` refuses it once its stuck
+batch returns: the results of a worker given up on are never published.
 
 No ROS here: the node drives it, and the tests drive it directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from cnn_rnn_perception.ros.cameras import LatestFrames
 from cnn_rnn_perception.ros.engine_slot import EngineSlot
@@ -59,8 +61,10 @@ class InferenceWorker:
     """
     Runs batches of the newest frames in one thread, supervised.
 
-    ``before_batch()`` runs before each batch (the node applies live parameter changes there);
-    ``min_interval_s()`` is the least time from one batch's start to the next (``max_rate_hz``).
+    ``before_batch()`` runs in the worker's thread before each batch, and at least every 0.2 s
+    while none comes (the node applies live parameter changes and retires removed cameras
+    there); ``min_interval_s()`` is the least time from one batch's start to the next
+    (``max_rate_hz``).
     """
 
     def __init__(self, frames: LatestFrames, slot: EngineSlot, classify: Classify,
@@ -76,6 +80,9 @@ class InferenceWorker:
         self._join_timeout_s = join_timeout_s
         self._thread: threading.Thread | None = None
         self._stop: threading.Event | None = None
+        # Held while results are published, and by ``stop`` as it retires a thread: once
+        # ``stop`` has returned, that thread publishes nothing more.
+        self._publish_lock = threading.Lock()
         self._busy_since: float | None = None
         self.errors = 0      # batches that raised; their frames were rejected
         self.restarts = 0    # threads found dead while they should run, and started again
@@ -100,14 +107,28 @@ class InferenceWorker:
                                         name='inference', daemon=True)
         self._thread.start()
 
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[bool]:
+        """
+        Yield whether the calling thread may publish its batch's results now.
+
+        Only the running worker's thread may; one that ``stop`` retired (a stuck batch that
+        returned after it was abandoned) may not. ``stop`` waits for a publish under way.
+        """
+        with self._publish_lock:
+            stop = self._stop
+            yield (stop is not None and not stop.is_set()
+                   and threading.current_thread() is self._thread)
+
     def stop(self) -> bool:
         """Stop the thread; return False when a stuck batch made it be abandoned."""
-        stop, thread = self._stop, self._thread
-        self._stop = self._thread = None
-        self._busy_since = None
-        if stop is None:
-            return True
-        stop.set()
+        with self._publish_lock:
+            stop, thread = self._stop, self._thread
+            self._stop = self._thread = None
+            self._busy_since = None
+            if stop is None:
+                return True
+            stop.set()
         self._frames.close()
         thread.join(timeout=self._join_timeout_s)
         if thread.is_alive():
@@ -145,6 +166,7 @@ class InferenceWorker:
                 # frame replaces an older one, counted as stale).
                 stop.wait(0.05)
                 continue
+            self._before_batch()
             slots = self._frames.take_all(timeout_s=0.2)
             if not slots:
                 continue
