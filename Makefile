@@ -21,7 +21,7 @@ PYTHON310 ?= $(shell for p in $$(command -v python3.10) $$HOME/.pyenv/versions/3
 PY310_TESTS := test/test_engine_slot.py test/test_engine.py test/test_model.py \
 	test/test_postprocess.py test/test_navigation.py test/test_worker.py
 # What a second distro must pass when `make test` runs both: everything that talks to rclpy.
-ROS_FACING_TESTS := test/test_node.py test/test_node_parts.py test/test_layout.py test/test_replay.py \
+ROS_FACING_TESTS := test/test_node.py test/test_node_faults.py test/test_node_parts.py test/test_layout.py test/test_replay.py \
 	test/test_ros2_tools.py test/test_demo.py test/test_navigation.py test/test_navigation_node.py \
 	test/test_flake8.py test/test_pep257.py
 

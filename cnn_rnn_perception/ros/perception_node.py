@@ -209,8 +209,6 @@ class PerceptionNode(LifecycleNode):
         self._publish_label_info()
         self._configure_navigation()
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
     def _retire_cameras(self) -> None:
         for final in self._roster.retire():
             self._navigation.robot.fusion.forget(final['topic'])
@@ -218,6 +216,8 @@ class PerceptionNode(LifecycleNode):
                 f'{final["topic"]}: no longer a camera; of its {final["received"]} frames '
                 f'{final["classified"]} were classified, {final["dropped_stale"]} dropped as '
                 f'stale, {final["rejected"]} rejected')
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         """Validate every parameter and read the checkpoint's header; no model loads yet."""

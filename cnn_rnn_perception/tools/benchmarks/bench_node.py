@@ -210,6 +210,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='measured seconds per (cameras, rate) (default: 20)')
     parser.add_argument('--warmup', type=float, default=3.0,
                         help='unmeasured seconds first (default: 3)')
+    parser.add_argument('--soak', type=float, metavar='MINUTES',
+                        help='instead: run the node this long with 2 cameras at the first '
+                        '--rates, swapping a camera and rebuilding the model by turns; report '
+                        'RSS growth, worker restarts, frames unaccounted and the longest gap '
+                        'in results')
+    parser.add_argument('--change-every', type=float, default=20.0, metavar='SECONDS',
+                        help='with --soak: seconds between changes (default: 20)')
     options.add(parser, '--frame-size', help='rgb8 frame width x height (default: 640x480)')
     options.add(parser, '--checkpoint', help='a checkpoint for the node to load')
     options.add(parser, '--no-compile', '--json', '--no-progress')
@@ -218,8 +225,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the node under load and print the table."""
+    """Run the node under load (or soak it) and print the table."""
     frame_width, frame_height = args.frame_size
+    if args.soak:
+        from cnn_rnn_perception.tools.benchmarks.soak import format_soak, run_soak
+
+        report = run_soak(args.soak, rate_hz=args.rates[0], change_every_s=args.change_every,
+                          frame_size=(frame_height, frame_width),
+                          node_args=node_arguments(args),
+                          hidden_size=options.model_config(args, num_classes=1).hidden_size,
+                          progress=not args.no_progress)
+        print(format_soak(report))
+        write_json(args.json, report)
+        return 0 if report['passed'] else 1
     report = run_node_benchmark(cameras=args.cameras, rates_hz=args.rates,
                                 duration_s=args.duration, warmup_s=args.warmup,
                                 frame_size=(frame_height, frame_width),
