@@ -165,9 +165,7 @@ class _StaticPath:
         # between batches. torch.cuda.graph captures in 'global' mode: CUDA work of another
         # thread during the capture (a batch of the engine being replaced) makes it fail or
         # record the wrong thing, and entering it empties the allocator's cache.
-        # A CPU warm-up has no such constraint and runs here, beside the running batches.
-        (on_worker if capture else _here)(
-            functools.partial(self._prepare, capture, warmup_iterations))
+        on_worker(functools.partial(self._prepare, capture, warmup_iterations))
 
     def _prepare(self, capture: bool, warmup_iterations: int) -> None:
         device = self.input.device
