@@ -403,10 +403,7 @@ class PerceptionNode(LifecycleNode):
             return
         with self._slot.borrow() as model:
             if model is None:  # released between the check and here (a deactivate)
-                for topic, *_ in batch:
-                    self._roster.on_dropped_stale(topic)
-                    handled.add(topic)
-                return
+                return self._drop_as_stale(batch, handled)
             try:
                 # A live change applies from this batch on, whichever engine is serving.
                 model.engine.streams.set_reset_after(self._values['temporal.reset_after_s'])
@@ -423,11 +420,13 @@ class PerceptionNode(LifecycleNode):
             labels = model.labels
         with self._worker.publishing() as allowed:
             if not allowed:  # a worker given up on while this batch was stuck
-                for topic, *_ in batch:
-                    self._roster.on_dropped_stale(topic)
-                    handled.add(topic)
-                return
+                return self._drop_as_stale(batch, handled)
             self._results.publish(self._outputs, self._values, batch, results, labels, handled)
+
+    def _drop_as_stale(self, batch: list, handled: set[str]) -> None:
+        for topic, *_ in batch:
+            self._roster.on_dropped_stale(topic)
+            handled.add(topic)
 
     def _reject(self, topic: str, reason: str) -> None:
         self._roster.on_rejected(topic, reason)
