@@ -124,8 +124,9 @@ class Harness:
 
     # -- the camera --------------------------------------------------------------------------
 
-    def camera(self, topic: str, reliable: bool = True, compressed: bool = False):
-        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE if reliable
+    def camera(self, topic: str, reliable: bool = True, compressed: bool = False,
+               depth: int = 10):
+        qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE if reliable
                          else ReliabilityPolicy.BEST_EFFORT)
         return self.node.create_publisher(CompressedImage if compressed else Image, topic, qos)
 

@@ -158,9 +158,12 @@ def test_malformed_frames_are_rejected_and_counted_while_good_frames_flow(tmp_pa
 
 def test_a_flood_of_frames_never_backs_up_and_every_frame_is_accounted(tmp_path, harness):
     topics = ['/front/image_raw', '/rear/image_raw']
-    node = start(tmp_path, '-p', f'image_topics:={topics}', '-p', 'max_rate_hz:=4.0')
+    # A reliable queue as deep as the burst: DDS itself drops nothing, even on a loaded
+    # machine, so every frame sent is a frame the node received and must account for.
+    node = start(tmp_path, '-p', f'image_topics:={topics}', '-p', 'max_rate_hz:=4.0',
+                 '-p', 'qos.reliability:=reliable', '-p', 'qos.depth:=100')
     try:
-        cameras = [harness.camera(topic) for topic in topics]
+        cameras = [harness.camera(topic, depth=100) for topic in topics]
         for camera in cameras:
             harness.wait_subscribed(camera)
         frame = pixels()
