@@ -27,6 +27,7 @@ import torch
 LABELS = ['corridor', 'doorway_left', 'doorway_right']
 COMMAND = str(Path(sys.executable).with_name('cnn_rnn_perception'))
 SECOND = 1_000_000_000
+FIRST_LABEL = 10 * SECOND + 150_000_000  # write_scene_bag's first label
 
 
 @pytest.fixture(scope='module')
@@ -45,7 +46,7 @@ def write_scene_bag(path: Path, storage: str = 'sqlite3', bad_frame: bool = True
     The first label arrives at 0.15 s, so the first two frames of each topic have no label.
     """
     with BagWriter(path, storage=storage) as bag:
-        bag.write_label('/scene_label', 'corridor', 10 * SECOND + 150_000_000)
+        bag.write_label('/scene_label', 'corridor', FIRST_LABEL)
         bag.write_label('/scene_label', 'doorway_left', 10 * SECOND + 600_000_000)
         for index in range(12):
             stamp = 10 * SECOND + index * 100_000_000
